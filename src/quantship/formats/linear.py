@@ -1,0 +1,93 @@
+"""QuantLinear: a Linear layer that keeps packed codes + scales in memory.
+
+Forward dequantizes this one layer's weight on the fly (reference path) so a loaded
+quantized model never holds the whole model in float; faster kernels can plug in through
+`KERNELS` (format name -> callable(module, x) -> y or None to fall back).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .grid import QuantizedWeight, dequantize
+from .pack import pack_codes, packed_row_bytes, unpack_codes
+from .scheme import Scheme, parse_scheme
+
+# name -> fn(module, x) returning the output, or None when it does not apply.
+KERNELS: dict[str, Callable[["QuantLinear", torch.Tensor], torch.Tensor | None]] = {}
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, scheme: Scheme | str, *, bias: bool,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.scheme = parse_scheme(scheme) if isinstance(scheme, str) else scheme
+        self.in_features, self.out_features = in_features, out_features
+        n_scales = self.scheme.scale_count(out_features, in_features)
+        scale_shape = (1, 1) if self.scheme.granularity == "tensor" else (out_features, n_scales // out_features)
+        scale_dtype = torch.float32 if self.scheme.kind == "fp8" else torch.float16
+        self.register_buffer("qweight", torch.zeros(out_features, packed_row_bytes(in_features, self.scheme.bits),
+                                                    dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(scale_shape, dtype=scale_dtype))
+        self.register_buffer("offsets", torch.zeros(scale_shape, dtype=torch.float16)
+                             if not self.scheme.symmetric else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        self.compute_dtype = dtype
+        self.kernel_state: dict = {}  # caches owned by fast kernels (e.g. repacked weights)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None,
+                       dtype: torch.dtype = torch.float32) -> "QuantLinear":
+        out_f, in_f = qw.codes.shape
+        layer = cls(in_f, out_f, qw.scheme, bias=bias is not None, dtype=dtype)
+        layer.qweight = pack_codes(qw.codes, qw.scheme.bits)
+        layer.scales = qw.scale.to(layer.scales.dtype).reshape(layer.scales.shape).contiguous()
+        if qw.offset is not None:
+            layer.offsets = qw.offset.to(torch.float16).reshape(layer.scales.shape).contiguous()
+        if bias is not None:
+            layer.bias = bias.detach().to(dtype).clone()
+        return layer
+
+    def codes(self) -> torch.Tensor:
+        return unpack_codes(self.qweight, self.scheme.bits, self.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight (out, in) this layer represents."""
+        offsets = self.offsets.float() if self.offsets is not None else None
+        return dequantize(self.scheme, self.codes(), self.scales.float(), offsets)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # Read-only float view for code that inspects `.weight` (e.g. dtype/device probes).
+        return self.dequantize().to(self.compute_dtype)
+
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.offsets) if t is not None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = KERNELS.get(self.scheme.name)
+        if kernel is not None:
+            y = kernel(self, x)
+            if y is not None:
+                return y
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize().to(x.dtype)
+        if self.scheme.act_bits:
+            x = fake_quantize_per_token(x, self.scheme.act_bits)
+        return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
+
+
+def fake_quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric dynamic per-token activation quantization, returned dequantized (reference for w8a8)."""
+    qmax = (1 << (bits - 1)) - 1
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
+    return torch.round(x / scale).clamp(-qmax, qmax) * scale

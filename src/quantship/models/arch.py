@@ -1,0 +1,110 @@
+"""Architecture facts as data: where the decoder blocks are and which module feeds which linears.
+
+Each `ScaleGroup` says: the output of `prev` (a norm or a linear inside the block) is the
+input of every module in `linears`. Transforms that rescale input channels (AWQ,
+SmoothQuant) divide `prev`'s output channels by s and multiply the linears' input columns
+by s; the linears in one group also share their calibration input (one Hessian for GPTQ).
+Adding a model family means adding one entry to ARCHITECTURES, keyed by config.model_type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    prev: str  # module path relative to the block, e.g. "input_layernorm"
+    linears: tuple[str, ...]  # modules fed by prev's output
+    prev_kind: str = "norm"  # "norm" (scale its weight/bias) or "linear" (scale its output rows)
+
+    def __post_init__(self) -> None:
+        if self.prev_kind not in ("norm", "linear"):
+            raise ValueError(f"prev_kind must be 'norm' or 'linear', got {self.prev_kind!r}")
+
+
+@dataclass(frozen=True)
+class ArchFacts:
+    blocks: str  # dotted path of the ModuleList of decoder blocks
+    groups: tuple[ScaleGroup, ...]  # in forward order
+    norm_weight_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
+    conv1d: bool = False  # GPT-2 stores Linear weights transposed (transformers Conv1D)
+    extra: dict = field(default_factory=dict)
+
+    def linears(self) -> tuple[str, ...]:
+        return tuple(name for g in self.groups for name in g.linears) + tuple(self.extra.get("unfed", ()))
+
+
+_LLAMA = ArchFacts(
+    blocks="model.layers",
+    groups=(
+        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "linear"),
+        ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "linear"),
+    ),
+)
+
+_GEMMA3 = ArchFacts(
+    blocks="model.layers",
+    groups=(
+        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "linear"),
+        ScaleGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "linear"),
+    ),
+    norm_weight_offset=1.0,
+)
+
+_PHI3 = ArchFacts(
+    blocks="model.layers",
+    groups=(
+        ScaleGroup("input_layernorm", ("self_attn.qkv_proj",)),
+        ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",)),
+    ),
+    # o_proj and down_proj have no foldable predecessor (fused qkv / gated activation).
+    extra={"unfed": ("self_attn.o_proj", "mlp.down_proj")},
+)
+
+_GPT2 = ArchFacts(
+    blocks="transformer.h",
+    groups=(
+        ScaleGroup("ln_1", ("attn.c_attn",)),
+        ScaleGroup("ln_2", ("mlp.c_fc",)),
+    ),
+    conv1d=True,
+    extra={"unfed": ("attn.c_proj", "mlp.c_proj")},
+)
+
+_OPT = ArchFacts(
+    blocks="model.decoder.layers",
+    groups=(
+        ScaleGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",), "linear"),
+        ScaleGroup("final_layer_norm", ("fc1",)),
+        ScaleGroup("fc1", ("fc2",), "linear"),  # ReLU is positively homogeneous: scales pass through
+    ),
+)
+
+ARCHITECTURES: dict[str, ArchFacts] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma3_text": _GEMMA3,
+    "gemma3": _GEMMA3,
+    "phi3": _PHI3,
+    "gpt2": _GPT2,
+    "opt": _OPT,
+}
+
+
+def arch_facts(model_type: str) -> ArchFacts:
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        raise ValueError(
+            f"quantship has no architecture facts for model_type {model_type!r}; supported: "
+            f"{', '.join(sorted(ARCHITECTURES))}. To add one, add an ArchFacts entry to "
+            f"ARCHITECTURES in quantship/models/arch.py (decoder block path and norm -> linears groups)."
+        ) from None

@@ -1,0 +1,135 @@
+"""Orchestration: find targets -> run the method -> swap modules -> write the artifact."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .formats.grid import QuantizedWeight
+from .formats.linear import QuantLinear
+from .formats.scheme import Scheme
+from .methods.registry import get_method
+from .models.arch import ArchFacts, arch_facts
+from .specs import QuantSpec
+
+
+@dataclass
+class QuantResult:
+    model: nn.Module
+    tokenizer: object
+    spec: QuantSpec
+    source: Path
+    modules: dict[str, dict] = field(default_factory=dict)  # per-module format table
+    timings: dict[str, float] = field(default_factory=dict)
+    calibration: dict | None = None
+    method_params: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # method reports (e.g. per-block peak RSS)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of a Linear or a transformers Conv1D (stored transposed)."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach()
+    return module.weight.detach().t()
+
+
+def get_submodule(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def find_targets(model: nn.Module, facts: ArchFacts, spec: QuantSpec) -> dict[str, nn.Module]:
+    """Linear layers of the decoder blocks (plus lm_head with quantize_head), minus --ignore matches."""
+    blocks = model.get_submodule(facts.blocks)
+    targets: dict[str, nn.Module] = {}
+    for i, block in enumerate(blocks):
+        for rel, module in block.named_modules():
+            if rel and is_linear_like(module):
+                targets[f"{facts.blocks}.{i}.{rel}"] = module
+    if spec.quantize_head:
+        head = model.get_output_embeddings()
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        targets[head_name] = head
+    patterns = [re.compile(p) for p in spec.ignore]
+    return {n: m for n, m in targets.items() if not any(p.search(n) for p in patterns)}
+
+
+def check_scheme_fits(targets: dict[str, nn.Module], scheme: Scheme) -> None:
+    for name, module in targets.items():
+        out_f, in_f = linear_weight(module).shape
+        if scheme.granularity == "group" and in_f % scheme.group_size:
+            divisors = [g for g in (32, 64, 128, 256) if in_f % g == 0]
+            raise ValueError(
+                f"scheme {scheme.name}: group size {scheme.group_size} does not divide in_features={in_f} "
+                f"of layer {name}; choose a group size that divides it (e.g. {', '.join(map(str, divisors)) or '32'})"
+            )
+
+
+def quantize_model(model: nn.Module, tokenizer, spec: QuantSpec, *, source: Path, progress: bool = True,
+                   calib=None) -> QuantResult:
+    """Quantize `model` in place according to `spec` and return the swapped model + format table."""
+    facts = arch_facts(model.config.model_type)
+    scheme = spec.parsed_scheme
+    method = get_method(spec.method)
+    params = method.make_params(spec.params)
+    if not method.supports(scheme):
+        raise ValueError(f"method {method.name!r} does not support scheme {scheme.name!r}")
+    if method.needs_calibration and calib is None:
+        raise ValueError(f"method {method.name!r} needs calibration data (--calib)")
+    targets = find_targets(model, facts, spec)
+    if not targets:
+        raise ValueError("no layer to quantize: every target matched --ignore")
+    check_scheme_fits(targets, scheme)
+
+    torch.manual_seed(spec.seed)
+    result = QuantResult(model, tokenizer, spec, source, method_params=_params_dict(params))
+    started = time.perf_counter()
+    if method.quantize_weight is not None:
+        for name, module in tqdm(list(targets.items()), desc=f"{method.name} {scheme.name}", disable=not progress):
+            qw = method.quantize_weight(linear_weight(module), scheme, params)
+            _swap(model, name, module, qw, result)
+    else:
+        chosen = method.run(model, targets, scheme, params, calib, progress=progress, report=result.extra)
+        for name, module in targets.items():
+            _swap(model, name, model.get_submodule(name), chosen[name], result)
+    if spec.quantize_head and getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False  # the head is quantized, the embedding stays float
+    result.timings["quantize_s"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module, qw: QuantizedWeight, result: QuantResult) -> None:
+    bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+    dtype = linear_weight(module).dtype
+    layer = QuantLinear.from_quantized(qw, bias, dtype=dtype)
+    set_submodule(model, name, layer)
+    out_f, in_f = qw.codes.shape
+    result.modules[name] = {
+        "format": qw.scheme.kind,
+        "scheme": qw.scheme.name,
+        "shape": [out_f, in_f],
+        "bias": bias is not None,
+        "bits_per_weight": round(qw.scheme.bits_per_weight(out_f, in_f), 4),
+        "storage_bytes": layer.storage_bytes(),
+    }
+
+
+def _params_dict(params) -> dict:
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(params) if is_dataclass(params) else dict(params)

@@ -1,0 +1,78 @@
+"""Terminal tables (rich) for quantization and evaluation results."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=False)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def eval_table(rows: list[dict], title: str = "baseline vs candidates") -> Table:
+    """rows: {name, bpw, size_bytes, report} where report is an evaluate() result."""
+    table = Table(title=title, header_style="bold")
+    for col in ("candidate", "bpw", "size", "ppl", "Δ ln ppl", "KLD mean", "KLD p99", "top-1", "RMS Δp"):
+        table.add_column(col, justify="left" if col == "candidate" else "right")
+    if rows:
+        base = rows[0]["report"]
+        table.add_row("baseline (fp32)", "32", fmt_bytes(rows[0].get("base_bytes", 0)) if rows[0].get("base_bytes") else "",
+                      f"{base['ppl']['baseline']:.3f}", "", "", "", "", "")
+    for row in rows:
+        rep = row["report"]
+        table.add_row(
+            row["name"],
+            f"{row['bpw']:.2f}" if row.get("bpw") is not None else "",
+            fmt_bytes(row["size_bytes"]) if row.get("size_bytes") else "",
+            f"{rep['ppl']['candidate']:.3f}",
+            f"{rep['ppl']['ln_ratio']:+.4f}",
+            f"{rep['kld']['mean']:.5f}",
+            f"{rep['kld']['p99']:.4f}",
+            f"{rep['top1_agreement']:.4f}",
+            f"{rep['delta_p']['rms']:.4f}",
+        )
+    return table
+
+
+def kld_table(report: dict, name: str) -> Table:
+    table = Table(title=f"{name}: KL divergence statistics ({report['tokens']} scored tokens)", header_style="bold")
+    table.add_column("statistic")
+    table.add_column("value", justify="right")
+    ppl = report["ppl"]
+    rows = [
+        ("PPL baseline", f"{ppl['baseline']:.4f}"),
+        ("PPL candidate", f"{ppl['candidate']:.4f}"),
+        ("ln(PPL_cand/PPL_base)", f"{ppl['ln_ratio']:+.5f} ± {ppl['ln_ratio_stderr']:.5f}"),
+    ]
+    rows += [(f"KLD {k}", f"{v:.6f}") for k, v in report["kld"].items()]
+    rows.append(("same top token", f"{report['top1_agreement'] * 100:.2f} %"))
+    rows += [(f"Δp {k}", f"{v * 100:+.3f} %") for k, v in report["delta_p"].items()]
+    for label, value in rows:
+        table.add_row(label, value)
+    return table
+
+
+def quant_table(manifest: dict, path: str) -> Table:
+    table = Table(title=f"{path}: {manifest['scheme']} / {manifest['method']['name']}", header_style="bold")
+    table.add_column("layers")
+    table.add_column("scheme")
+    table.add_column("bpw", justify="right")
+    table.add_column("bytes", justify="right")
+    groups: dict[str, list] = {}
+    for name, info in manifest["modules"].items():
+        key = name.split(".")[-1] if "." in name else name
+        groups.setdefault(key, []).append(info)
+    for key, infos in groups.items():
+        table.add_row(f"{key} x{len(infos)}", infos[0]["scheme"], f"{infos[0]['bits_per_weight']:.3f}",
+                      fmt_bytes(sum(i["storage_bytes"] for i in infos)))
+    bpw = manifest["bits_per_weight"]
+    table.add_row("[bold]quantized layers[/]", "", f"{bpw['quantized_layers']:.3f}", "")
+    table.add_row("[bold]whole model[/]", "", f"{bpw['whole_model']:.3f}", fmt_bytes(manifest["model_bytes"]))
+    return table
