@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
 
-console = Console(stderr=False)
+# Not a terminal (CI logs, pipes): rich would assume 80 columns and squeeze the tables.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def fmt_bytes(n: float) -> str:

@@ -1,0 +1,65 @@
+"""The default model, end to end (slow: minutes on 2 cores). `make test` pulls it first."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+import quantship
+from quantship.models.builtin import model_dir, pull
+
+from conftest import real_model_available
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not real_model_available(), reason="run `quantship model pull smollm2-135m`")]
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    return quantship.load(model_dir("smollm2-135m"))
+
+
+def _eval(baseline, scheme, **kw):
+    r = quantship.quantize("smollm2-135m", scheme, progress=False, log=lambda *a: None, **kw)
+    return quantship.evaluate(baseline, (r.model, r.tokenizer), max_windows=4, progress=False)
+
+
+def test_second_pull_is_instant():
+    started = time.perf_counter()
+    path = pull("smollm2-135m")
+    assert time.perf_counter() - started < 1.0
+    assert json.loads((path / "quantship-source.json").read_text())["files"]["model.safetensors"]
+
+
+def test_w4g32_asym_reproduces_the_q4_1_source(baseline):
+    rep = _eval(baseline, "w4g32-asym")
+    assert rep["kld"]["mean"] < 0.001 and rep["top1_agreement"] > 0.99
+
+
+def test_w8_is_close_and_per_channel_w4_is_worse_than_grouped(baseline):
+    w8 = _eval(baseline, "w8")
+    assert w8["kld"]["mean"] < 0.005 and w8["top1_agreement"] > 0.95
+    w4 = _eval(baseline, "w4")
+    w4g64 = _eval(baseline, "w4g64")
+    assert w4["kld"]["mean"] > 1.5 * w4g64["kld"]["mean"]
+    assert w4["ppl"]["candidate"] > w4g64["ppl"]["candidate"]
+
+
+def test_loaded_artifact_resident_memory_is_close_to_packed_size(tmp_path):
+    out = quantship.quantize("smollm2-135m", "w4g64", out=tmp_path / "a", progress=False, log=lambda *a: None)
+    packed = (out / "model.safetensors").stat().st_size
+    probe = (
+        "import sys, quantship\n"
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096\n"
+        "import transformers, torch; before = rss()\n"
+        f"model, tok = quantship.load({str(out)!r}); print(rss() - before)\n"
+    )
+    grown = int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                               check=True).stdout.strip().splitlines()[-1])
+    fp32 = (model_dir("smollm2-135m") / "model.safetensors").stat().st_size
+    assert grown < 1.6 * packed, (grown, packed)
+    assert grown < 0.6 * fp32
