@@ -103,3 +103,34 @@ def test_scheme_names_round_trip(name):
 def test_bad_scheme_names_list_the_grammar(bad):
     with pytest.raises(ValueError, match="grammar|multiple of 8"):
         parse_scheme(bad)
+
+
+@pytest.mark.parametrize("scheme,kernel", [("w8", "int8_weight_only"), ("w4g32", "int4_group"),
+                                           ("w4g64-asym", "int4_group"), ("w3g64", "reference"),
+                                           ("nf4g64", "reference")])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fast_kernels_match_the_reference_path(scheme, kernel, bias):
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 128), torch.randn(2, 5, 128)
+    layer = QuantLinear.from_quantized(quantize_weight(parse_scheme(scheme), w), torch.randn(96) if bias else None)
+    expected = layer(x)
+    assert layer.prepare_fast() == kernel
+    got = layer(x)
+    # bf16 activations in the integer kernels: relative error ~1e-2 of the output scale
+    assert torch.allclose(got, expected, atol=0.05 * float(expected.abs().max()), rtol=0)
+    assert float((got - expected).pow(2).mean() / expected.pow(2).mean()) < 1e-4
+
+
+def test_released_codes_refuse_to_dequantize():
+    layer = QuantLinear.from_quantized(quantize_weight(parse_scheme("w4g32"), torch.randn(32, 64)), None)
+    layer.prepare_fast(release_codes=True)
+    layer(torch.randn(1, 64))
+    with pytest.raises(RuntimeError, match="released"):
+        layer.dequantize()
+
+
+def test_int8_storage_is_twos_complement_for_the_kernel():
+    qw = quantize_weight(parse_scheme("w8"), torch.randn(16, 32))
+    layer = QuantLinear.from_quantized(qw, None)
+    assert torch.equal(layer.qweight.view(torch.int8).to(torch.int16), qw.codes.to(torch.int16) - 128)
+    assert torch.equal(layer.codes(), qw.codes)

@@ -44,7 +44,8 @@ def write_artifact(result, out: str | Path, *, overwrite: bool = False) -> Path:
     started = time.perf_counter()
     with atomic_dir(out, overwrite=overwrite) as tmp:
         state = _dedup_state(result.model)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "producer": "quantship"})
+        # one metadata key only: safetensors writes metadata from a hash map, in no fixed order
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         result.model.config.save_pretrained(tmp)
         result.tokenizer.save_pretrained(tmp)
         files = hash_tree(tmp)

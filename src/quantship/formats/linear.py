@@ -1,8 +1,8 @@
 """QuantLinear: a Linear layer that keeps packed codes + scales in memory.
 
 Forward dequantizes this one layer's weight on the fly (reference path) so a loaded
-quantized model never holds the whole model in float; faster kernels can plug in through
-`KERNELS` (format name -> callable(module, x) -> y or None to fall back).
+quantized model never holds the whole model in float; `prepare_fast()` switches a layer to
+a measured faster kernel from formats/kernels.py (serving), leaving evaluation exact.
 """
 
 from __future__ import annotations
@@ -16,10 +16,6 @@ from torch import nn
 from .grid import QuantizedWeight, dequantize
 from .pack import pack_codes, packed_row_bytes, unpack_codes
 from .scheme import Scheme, parse_scheme
-
-# name -> fn(module, x) returning the output, or None when it does not apply.
-KERNELS: dict[str, Callable[["QuantLinear", torch.Tensor], torch.Tensor | None]] = {}
-
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, scheme: Scheme | str, *, bias: bool,
@@ -37,14 +33,16 @@ class QuantLinear(nn.Module):
                              if not self.scheme.symmetric else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self.compute_dtype = dtype
-        self.kernel_state: dict = {}  # caches owned by fast kernels (e.g. repacked weights)
+        self.kernel_state: dict = {}  # tensors owned by the fast kernel (e.g. repacked weights)
+        self.kernel: Callable | None = None  # set by prepare_fast(); None = reference path
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None,
                        dtype: torch.dtype = torch.float32) -> "QuantLinear":
         out_f, in_f = qw.codes.shape
         layer = cls(in_f, out_f, qw.scheme, bias=bias is not None, dtype=dtype)
-        layer.qweight = pack_codes(qw.codes, qw.scheme.bits)
+        codes = qw.codes ^ 0x80 if layer._twos_complement else qw.codes
+        layer.qweight = pack_codes(codes, qw.scheme.bits)
         layer.scales = qw.scale.to(layer.scales.dtype).reshape(layer.scales.shape).contiguous()
         if qw.offset is not None:
             layer.offsets = qw.offset.to(torch.float16).reshape(layer.scales.shape).contiguous()
@@ -52,8 +50,18 @@ class QuantLinear(nn.Module):
             layer.bias = bias.detach().to(dtype).clone()
         return layer
 
+    @property
+    def _twos_complement(self) -> bool:
+        # 8-bit symmetric codes are stored as two's-complement int8 bytes (code - 128), so an
+        # int8 kernel can use the buffer as is (a zero-copy view) instead of keeping a second copy.
+        return self.scheme.kind == "int" and self.scheme.bits == 8 and self.scheme.symmetric
+
     def codes(self) -> torch.Tensor:
-        return unpack_codes(self.qweight, self.scheme.bits, self.in_features)
+        if self.qweight.numel() == 0 and self.out_features:
+            raise RuntimeError("this layer's codes were released by prepare_fast(release_codes=True); "
+                               "it can run forward but not be saved or dequantized")
+        codes = unpack_codes(self.qweight, self.scheme.bits, self.in_features)
+        return codes ^ 0x80 if self._twos_complement else codes
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight (out, in) this layer represents."""
@@ -69,12 +77,25 @@ class QuantLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.offsets) if t is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = KERNELS.get(self.scheme.name)
-        if kernel is not None:
-            y = kernel(self, x)
+        # Exact reference unless prepare_fast() chose a kernel: evaluation stays bit-faithful
+        # to the stored grid, serving opts in to speed.
+        if self.kernel is not None:
+            y = self.kernel(self, x)
             if y is not None:
                 return y
         return self.reference_forward(x)
+
+    def prepare_fast(self, *, release_codes: bool = False) -> str:
+        """Pick the fastest registered kernel for this layer (see formats/kernels.py); returns its name.
+
+        release_codes drops the packed codes when the kernel keeps its own copy (inference-only layer)."""
+        from .kernels import select_kernel
+
+        name, kernel = select_kernel(self)
+        self.kernel = kernel
+        if kernel is not None and release_codes and self.kernel_state.get("owns_weights"):
+            self.qweight = torch.empty(0, dtype=torch.uint8)
+        return name
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantize().to(x.dtype)

@@ -1,0 +1,91 @@
+"""Fast CPU kernels for QuantLinear, chosen per layer by measurement-backed rules.
+
+Measured on this machine (2 cores, AVX-512 VNNI/BF16), batch-1 GEMV of a 1536x576 layer with
+cold caches (60 distinct layers cycled), median of repeats, see benchmarks/kernels.py:
+    fp32 F.linear                      ~240 us
+    int8 weight-only (_weight_int8pack_mm, bf16 activations)   ~80 us
+    int4 group-wise (_weight_int4pack_mm_for_cpu, bf16 act.)   ~37 us
+Decode is bound by bytes read, so the integer kernels win by roughly their compression.
+Both take bf16 activations (the output is cast back): they trade exactness with the
+reference path for speed, which is why QuantLinear uses them only after prepare_fast().
+Other formats (int2/3, nf4, fp8, per-tensor) keep the reference dequantize-then-matmul path.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+KernelFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor | None]
+
+
+def _has_op(name: str) -> bool:
+    return hasattr(torch.ops.aten, name)
+
+
+def _int8_weight_only(layer, x: torch.Tensor) -> torch.Tensor:
+    state = layer.kernel_state
+    x2 = x.reshape(-1, layer.in_features).to(torch.bfloat16)
+    y = torch._weight_int8pack_mm(x2, state["w_int8"], state["scales"])  # (M, N)
+    if layer.bias is not None:
+        y = y + state["bias"]
+    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+
+def _prepare_int8(layer) -> None:
+    layer.kernel_state.update(
+        w_int8=layer.qweight.view(torch.int8),  # two's-complement storage: zero-copy
+        scales=layer.scales.reshape(-1).to(torch.bfloat16),
+        bias=layer.bias.to(torch.bfloat16) if layer.bias is not None else None,
+        owns_weights=False,
+    )
+
+
+def _int4_group(layer, x: torch.Tensor) -> torch.Tensor:
+    state = layer.kernel_state
+    x2 = x.reshape(-1, layer.in_features).to(torch.bfloat16)
+    y = torch._weight_int4pack_mm_for_cpu(x2, state["w_int4"], layer.scheme.group_size, state["scales_zeros"])
+    if layer.bias is not None:
+        y = y + state["bias"]
+    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+
+def _prepare_int4(layer) -> None:
+    # torch's int4 kernel computes W = (q - 8) * scale + zero per group:
+    # symmetric: zero = 0; asymmetric (W = q * scale + offset): zero = offset + 8 * scale.
+    codes = layer.codes().to(torch.int32)  # (N, K)
+    scales = layer.scales.float()  # (N, K/g)
+    zeros = layer.offsets.float() + 8 * scales if layer.offsets is not None else torch.zeros_like(scales)
+    layer.kernel_state.update(
+        w_int4=torch._convert_weight_to_int4pack_for_cpu(codes, 2),
+        scales_zeros=torch.stack((scales.t(), zeros.t()), dim=-1).contiguous().to(torch.bfloat16),  # (K/g, N, 2)
+        bias=layer.bias.to(torch.bfloat16) if layer.bias is not None else None,
+        owns_weights=True,  # a repacked copy: the packed codes may be released
+    )
+
+
+def select_kernel(layer) -> tuple[str, KernelFn | None]:
+    """-> (kernel name, fn) for a QuantLinear; ("reference", None) when no fast kernel applies."""
+    s = layer.scheme
+    if s.kind == "int" and s.bits == 8 and s.symmetric and s.granularity == "channel" and not s.act_bits \
+            and _has_op("_weight_int8pack_mm"):
+        _prepare_int8(layer)
+        return "int8_weight_only", _int8_weight_only
+    if s.kind == "int" and s.bits == 4 and s.granularity == "group" and s.group_size in (32, 64, 128, 256) \
+            and layer.in_features % s.group_size == 0 and _has_op("_weight_int4pack_mm_for_cpu"):
+        _prepare_int4(layer)
+        return "int4_group", _int4_group
+    return "reference", None
+
+
+def prepare_model(model: torch.nn.Module, *, release_codes: bool = False) -> dict[str, int]:
+    """Switch every QuantLinear of a model to its fast kernel. -> {kernel name: layer count}."""
+    from .linear import QuantLinear
+
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            name = module.prepare_fast(release_codes=release_codes)
+            counts[name] = counts.get(name, 0) + 1
+    return counts
