@@ -1,10 +1,10 @@
 """Fast CPU kernels for QuantLinear, chosen per layer by measurement-backed rules.
 
-Measured on this machine (2 cores, AVX-512 VNNI/BF16), batch-1 GEMV of a 1536x576 layer with
-cold caches (60 distinct layers cycled), median of repeats, see benchmarks/kernels.py:
-    fp32 F.linear                      ~240 us
-    int8 weight-only (_weight_int8pack_mm, bf16 activations)   ~80 us
-    int4 group-wise (_weight_int4pack_mm_for_cpu, bf16 act.)   ~37 us
+Measured here (AMD EPYC, 2 cores, AVX-512; docs/results/kernels.md, benchmarks/kernels.py):
+batch-1 GEMV of a 1536x576 layer, cold caches (60 distinct layers cycled), median of repeats:
+    fp32 F.linear                                              ~246 us
+    int8 weight-only (_weight_int8pack_mm, bf16 activations)   ~49 us   (5.0x)
+    int4 group-wise (_weight_int4pack_mm_for_cpu, bf16 act.)   ~29 us   (8.5x)
 Decode is bound by bytes read, so the integer kernels win by roughly their compression.
 Both take bf16 activations (the output is cast back): they trade exactness with the
 reference path for speed, which is why QuantLinear uses them only after prepare_fast().
