@@ -61,6 +61,7 @@ def _namespaces():
     for mp in points:
         if mp != _ROOT:
             libc.mount(None, mp.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
+    os.chdir(_ROOT)  # the old cwd is the directory under the bind mount, now read-only
     return "on"
 
 if _ISOLATION == "namespaces":
