@@ -1,0 +1,255 @@
+"""Suites as data, the user JSONL format, generation and run_suites end to end on tiny models."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import build_tiny_model
+from quantship.evaluate.generate import cut_at_stop, generate, render_prompt
+from quantship.evaluate.suites import (Item, SuiteContext, filler_path, in_small_subset, humaneval_problems,
+                                       load_jsonl, load_suite, multilingual_texts, needle_haystack, score_slices,
+                                       suite_names)
+from quantship.evaluate.tasks import render_tables, run_suites
+
+GEN_SUITES = ("code", "math", "json", "qa", "refusal", "long")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A tiny random-init llama and a noisy copy of it (two random inits decode identically here)."""
+    model, tok = build_tiny_model("llama", seed=0)
+    return (model, tok), (_perturbed(model), tok)
+
+
+# ----------------------------------------------------------------------------- built-in data
+
+def test_builtin_suite_sizes():
+    assert set(suite_names()) == {*GEN_SUITES, "multilingual"}
+    sizes = {n: len(load_suite(n, context=SuiteContext(max_context=1024)).items) for n in GEN_SUITES}
+    assert sizes == {"code": 21, "math": 32, "json": 20, "qa": 30, "refusal": 20, "long": 9}
+    refusal = load_suite("refusal").items
+    assert sum(it.reference == "refuse" for it in refusal) == 10
+
+
+def test_code_suite_subset_rule_and_full():
+    problems = humaneval_problems()
+    assert len(problems) == 164
+    small = load_suite("code").items
+    assert [it.id for it in small][:3] == ["HumanEval/2", "HumanEval/7", "HumanEval/15"]
+    assert all(in_small_subset(p) == (p["task_id"] in {it.id for it in small}) for p in problems)
+    assert len(load_suite("code", full=True).items) == 164
+    assert all(it.raw and it.checker == "code" for it in small)
+
+
+def test_builtin_references_pass_their_own_checkers():
+    """Each canonical HumanEval solution passes (subset); every math reference checks against itself."""
+    from quantship.evaluate.checkers import check
+
+    by_id = {p["task_id"]: p for p in humaneval_problems()}
+    for it in load_suite("code").items[:3]:
+        assert check("code", by_id[it.id]["canonical_solution"], it).passed, it.id
+    for it in load_suite("math").items:
+        assert check("math", f"The answer is {it.reference}.", it).passed, it.id
+    for it in load_suite("qa").items:
+        assert check("qa", it.answers[0], it).passed, it.id
+
+
+def test_long_suite_places_needle_at_depth():
+    sents = [f"Sentence number {i} is here." for i in range(100)]
+    lengths = [5] * 100
+    text = needle_haystack(200, 0.5, "NEEDLE.", sents, lengths)
+    assert text.count("NEEDLE.") == 1
+    assert abs(text.index("NEEDLE.") / len(text) - 0.5) < 0.05
+    assert needle_haystack(200, 0.0, "NEEDLE.", sents, lengths).startswith("NEEDLE.")
+    assert needle_haystack(200, 1.0, "NEEDLE.", sents, lengths).endswith("NEEDLE.")
+    assert text.count("Sentence number") == 40  # 40 sentences of 5 tokens fill the 200-token budget
+    assert filler_path().name == "lee_background.cor"
+    import sys
+    assert "gensim" not in sys.modules  # read as a file, never imported
+
+
+def test_long_suite_fits_context_with_real_tokenizer(pair):
+    (_, tok), _ = pair
+    suite = load_suite("long", context=SuiteContext(tokenizer=tok, max_context=512, seed=3))
+    for it in suite.items:
+        n = len(tok(it.prompt)["input_ids"])
+        assert n + it.max_tokens <= 512, (it.id, n)
+        assert it.answers[0] in it.prompt
+    again = load_suite("long", context=SuiteContext(tokenizer=tok, max_context=512, seed=3))
+    assert [i.answers for i in again.items] == [i.answers for i in suite.items]  # seeded
+
+
+def test_multilingual_texts_and_score_slices():
+    texts = multilingual_texts()
+    assert {"en", "de", "zh", "ar", "identifiers"} <= set(texts)
+    assert all(len(v) >= 2 for v in texts.values())
+    seen = []
+    out = score_slices(lambda t: seen.append(t) or {"chars": len(t)}, {"a": ["x", "yy"], "b": ["z"]})
+    assert out == {"a": {"chars": 5}, "b": {"chars": 1}} and seen == ["x\n\nyy", "z"]
+
+
+# ----------------------------------------------------------------------------- user JSONL
+
+def test_user_jsonl_roundtrip(tmp_path):
+    p = tmp_path / "mine.jsonl"
+    lines = [
+        {"prompt": "2+2?", "checker": "math", "reference": "4", "max_tokens": 8, "stop": ["\n"]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Peru?"}],
+         "checker": "qa", "answers": ["Lima"]},
+        {"id": "j", "prompt": "JSON please", "checker": "json", "schema": {"type": "object"}},
+    ]
+    p.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n", encoding="utf-8")
+    suite = load_jsonl(p)
+    assert suite.name == "mine" and [it.id for it in suite.items] == ["mine-1", "mine-2", "j"]
+    assert suite.items[0].stop == ("\n",) and suite.items[0].max_tokens == 8
+    assert suite.items[1].messages[1]["content"] == "Capital of Peru?"
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ('{"prompt": "x", "checker": "qa", "answers": ["a"]', "not valid JSON"),
+    ('{"prompt": "x", "checker": "nope"}', "unknown checker 'nope'"),
+    ('{"prompt": "x", "checker": "qa", "answer": ["a"]}', "unknown key(s) ['answer']"),
+    ('{"prompt": "x"}', "missing 'checker'"),
+    ('{"checker": "qa", "answers": ["a"]}', "exactly one of 'prompt'"),
+    ('{"prompt": "x", "checker": "json"}', "needs 'schema'"),
+    ('{"prompt": "x", "checker": "qa", "answers": ["a"], "max_tokens": 0}', "positive integer"),
+    ('{"messages": [{"role": "bot", "content": "x"}], "checker": "qa", "answers": ["a"]}', "role must be"),
+    ('[1, 2]', "expected a JSON object"),
+])
+def test_malformed_user_jsonl_names_the_line(tmp_path, bad_line, message):
+    good = json.dumps({"prompt": "ok", "checker": "qa", "answers": ["ok"]})
+    p = tmp_path / "bad.jsonl"
+    p.write_text(f"{good}\n\n{good}\n{bad_line}\n", encoding="utf-8")
+    with pytest.raises(ValueError) as e:
+        load_jsonl(p)
+    assert f"{p}:4:" in str(e.value) and message in str(e.value)
+
+
+def test_empty_or_missing_user_file(tmp_path):
+    (tmp_path / "e.jsonl").write_text("\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no items"):
+        load_jsonl(tmp_path / "e.jsonl")
+    with pytest.raises(FileNotFoundError):
+        load_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_item_validation_direct():
+    with pytest.raises(ValueError, match="'tests'"):
+        Item(id="c", checker="code", prompt="def f():\n")
+    with pytest.raises(ValueError, match="refuse"):
+        Item(id="r", checker="refusal", prompt="hi", reference="yes")
+
+
+# ----------------------------------------------------------------------------- generation
+
+def test_render_prompt_plain_and_chat(pair):
+    (_, tok), _ = pair
+    it = Item(id="a", checker="qa", prompt="Hi there", answers=("x",))
+    assert render_prompt(tok, it) == ("Hi there", True)
+    chat_tok = build_tiny_model("llama")[1]
+    chat_tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                              "{% if add_generation_prompt %}<assistant>{% endif %}")
+    text, special = render_prompt(chat_tok, it)
+    assert text == "<user>Hi there\n<assistant>" and special is False
+    raw = Item(id="b", checker="qa", prompt="def f():", answers=("x",), raw=True)
+    assert render_prompt(chat_tok, raw) == ("def f():", True)
+
+
+def test_cut_at_stop():
+    assert cut_at_stop("abc\ndef x\nmore", ["\ndef ", "zz"]) == "abc"
+    assert cut_at_stop("abc", []) == "abc"
+
+
+def test_generate_greedy_batched_equals_unbatched_and_respects_limits(pair):
+    (model, tok), _ = pair
+    items = [Item(id=str(i), checker="qa", prompt=p, answers=("x",), max_tokens=m)
+             for i, (p, m) in enumerate([("The quick brown fox", 6), ("def add(a, b):", 4), ("Quantization", 9)])]
+    batched = generate(model, tok, items, batch_size=3, progress=False)
+    single = [generate(model, tok, [it], batch_size=1, progress=False)[0] for it in items]
+    assert batched == single
+    for it, out in zip(items, batched):
+        assert len(tok(out, add_special_tokens=False)["input_ids"]) <= it.max_tokens
+    again = generate(model, tok, items, batch_size=2, progress=False)
+    assert again == batched  # greedy: deterministic
+
+
+def test_generate_stops_at_stop_string(pair):
+    (model, tok), _ = pair
+    it = Item(id="s", checker="qa", prompt="The quick", answers=("x",), max_tokens=24)
+    full = generate(model, tok, [it], progress=False)[0]
+    assert len(full) > 2
+    stop = full[1:3]
+    cut = generate(model, tok, [Item(id="s", checker="qa", prompt="The quick", answers=("x",), max_tokens=24,
+                                     stop=(stop,))], progress=False)[0]
+    assert cut == full[: full.index(stop)]
+
+
+# ----------------------------------------------------------------------------- run_suites
+
+def test_run_suites_end_to_end(pair, tmp_path):
+    baseline, candidate = pair
+    res = run_suites(baseline, candidate, [*GEN_SUITES, "multilingual"], limit=2, seed=0, out_dir=tmp_path)
+    assert set(res) == {*GEN_SUITES, "multilingual"}
+    for name in GEN_SUITES:
+        r = res[name]
+        assert r["n"] == 2
+        assert set(r) >= {"baseline", "candidate", "delta", "ci95", "p_value", "significant", "flips", "n",
+                          "content_hash"}
+        assert r["delta"] == pytest.approx(r["candidate"] - r["baseline"])
+        assert r["ci95"][0] <= r["delta"] <= r["ci95"][1]
+        assert r["flips"]["pass_to_fail"] + r["flips"]["fail_to_pass"] <= 2
+        assert 0.0 <= r["p_value"] <= 1.0 and not r["significant"]  # 2 items can never be significant
+        assert len(r["content_hash"]) == 64
+        rows = [json.loads(x) for x in (tmp_path / f"tasks-{name}.jsonl").read_text().splitlines()]
+        assert len(rows) == 2
+        assert set(rows[0]) >= {"prompt", "baseline_output", "candidate_output", "baseline_pass", "candidate_pass"}
+    assert {"refusal_rate", "behaviour_agreement"} <= set(res["refusal"])
+    ml = res["multilingual"]["slices"]
+    assert set(ml) == set(multilingual_texts())
+    assert all(v["kld_mean"] > 0 and v["tokens"] > 10 for v in ml.values())
+    render_tables(res)  # renders without error
+
+
+def _perturbed(model, scale: float = 0.5, seed: int = 123):
+    """A copy of the model with Gaussian noise on every weight: a stand-in for a bad quantization."""
+    m = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return m
+
+
+def test_run_suites_same_model_and_known_flips(pair, tmp_path):
+    """Items whose expected answer is the baseline's own output: every item flips pass->fail."""
+    (b_model, tok), candidate = pair
+    prompts = ["The quick brown", "def add(a, b):", "Quantization maps", "Perplexity and", "The lazy dog",
+               "return a", "over the", "small grid of"]
+    probe = [Item(id=str(i), checker="exact", prompt=p, answers=("-",), max_tokens=6) for i, p in enumerate(prompts)]
+    outs = generate(b_model, tok, probe, progress=False)
+    cand_outs = generate(candidate[0], tok, probe, progress=False)
+    assert all(o.strip() and o.strip() != c.strip() for o, c in zip(outs, cand_outs))
+    path = tmp_path / "own.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "checker": "exact", "answers": [o], "max_tokens": 6}) + "\n"
+                            for p, o in zip(prompts, outs)), encoding="utf-8")
+    same = run_suites((b_model, tok), (b_model, tok), [], suite_files=[path], seed=1)
+    assert same["own"]["baseline"] == same["own"]["candidate"] == 1.0
+    assert same["own"]["p_value"] == 1.0 and same["own"]["ci95"] == [0.0, 0.0]
+    diff = run_suites((b_model, tok), candidate, [], suite_files=[path], seed=1, out_dir=tmp_path)
+    r = diff["own"]
+    assert r["flips"] == {"pass_to_fail": 8, "fail_to_pass": 0} and r["delta"] == -1.0
+    assert r["p_value"] == pytest.approx(2 / 2**8) and r["ci95"] == [-1.0, -1.0] and r["significant"]
+    assert len(r["worst_flips"]) == 5
+    again = run_suites((b_model, tok), candidate, [], suite_files=[path], seed=1)
+    assert again["own"]["content_hash"] == r["content_hash"]  # reproducible
+
+
+def test_run_suites_rejects_unknown_suite(pair):
+    with pytest.raises(ValueError, match="unknown suite"):
+        run_suites(pair[0], pair[1], ["nope"])
+    with pytest.raises(ValueError, match="no suites"):
+        run_suites(pair[0], pair[1], [])
