@@ -32,6 +32,7 @@ def test_identical_models_have_zero_kld_and_full_agreement(pair, tmp_path):
     assert rep["top1_agreement"] == 1.0
     assert rep["ppl"]["baseline"] == pytest.approx(rep["ppl"]["candidate"])
     assert rep["delta_p"]["rms"] == pytest.approx(0.0, abs=1e-9)
+    assert rep["ece"]["baseline"] == pytest.approx(rep["ece"]["candidate"]) and 0 <= rep["ece"]["baseline"] <= 1
 
 
 def test_statistics_match_a_direct_computation(pair, tmp_path):

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..specs import EvalSpec
+from .stats import ece_from_top1
 
 
 @dataclass
@@ -109,6 +110,11 @@ def summarize(stats: TokenStats) -> dict:
             "max": float(kl.max()),
         },
         "top1_agreement": float(stats.cat("top1_same").mean()),
+        # expected calibration error of next-token top-1 predictions (15 reliability bins)
+        "ece": {
+            "baseline": ece_from_top1(stats.cat("p_base_max"), stats.cat("top1_base_correct")).ece,
+            "candidate": ece_from_top1(stats.cat("p_cand_max"), stats.cat("top1_cand_correct")).ece,
+        },
         "delta_p": {
             "mean": float(dp.mean()),
             "rms": float(np.sqrt((dp**2).mean())),
