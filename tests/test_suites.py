@@ -42,7 +42,8 @@ def test_code_suite_subset_rule_and_full():
     assert [it.id for it in small][:3] == ["HumanEval/2", "HumanEval/7", "HumanEval/15"]
     assert all(in_small_subset(p) == (p["task_id"] in {it.id for it in small}) for p in problems)
     assert len(load_suite("code", full=True).items) == 164
-    assert all(it.raw and it.checker == "code" for it in small)
+    assert all(it.checker == "code" and it.base_prompt and "\ndef " in it.base_stop for it in small)
+    assert all(it.base_prompt in it.prompt and "```python" in it.prompt for it in small)
 
 
 def test_builtin_references_pass_their_own_checkers():
@@ -55,7 +56,7 @@ def test_builtin_references_pass_their_own_checkers():
     for it in load_suite("math").items:
         assert check("math", f"The answer is {it.reference}.", it).passed, it.id
     for it in load_suite("qa").items:
-        assert check("qa", it.answers[0], it).passed, it.id
+        assert check(it.checker, f"I think it is {it.answers[0]}.", it).passed, it.id
 
 
 def test_long_suite_places_needle_at_depth():
@@ -149,14 +150,19 @@ def test_item_validation_direct():
 def test_render_prompt_plain_and_chat(pair):
     (_, tok), _ = pair
     it = Item(id="a", checker="qa", prompt="Hi there", answers=("x",))
-    assert render_prompt(tok, it) == ("Hi there", True)
+    assert render_prompt(tok, it) == ("Hi there", True, ())
     chat_tok = build_tiny_model("llama")[1]
     chat_tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                               "{% if add_generation_prompt %}<assistant>{% endif %}")
-    text, special = render_prompt(chat_tok, it)
+    text, special, _ = render_prompt(chat_tok, it)
     assert text == "<user>Hi there\n<assistant>" and special is False
-    raw = Item(id="b", checker="qa", prompt="def f():", answers=("x",), raw=True)
-    assert render_prompt(chat_tok, raw) == ("def f():", True)
+    raw = Item(id="b", checker="qa", prompt="def f():", answers=("x",), raw=True, stop=("\n",))
+    assert render_prompt(chat_tok, raw) == ("def f():", True, ("\n",))
+    both = Item(id="c", checker="qa", prompt="Write f.", base_prompt="def f():", base_stop=("\ndef ",),
+                answers=("x",), stop=("END",))
+    assert render_prompt(tok, both) == ("def f():", True, ("\ndef ",))  # no chat template: base prompt
+    assert render_prompt(chat_tok, both)[0] == "<user>Write f.\n<assistant>"
+    assert render_prompt(chat_tok, both)[2] == ("END",)
 
 
 def test_cut_at_stop():

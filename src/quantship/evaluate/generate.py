@@ -20,15 +20,22 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from .suites import Item
 
 
-def render_prompt(tokenizer, item: Item) -> tuple[str, bool]:
-    """(text, add_special_tokens): chat-templated unless the tokenizer has no template or item.raw."""
+def render_prompt(tokenizer, item: Item) -> tuple[str, bool, tuple[str, ...]]:
+    """(text, add_special_tokens, stop strings) for one item.
+
+    Chat template (when the tokenizer has one and the item is not `raw`): messages, or the prompt as
+    one user message. Otherwise `base_prompt` (with `base_stop`) when the item has one, else the
+    prompt as is (messages joined by blank lines), with `stop`.
+    """
     messages = list(item.messages) if item.messages is not None else [{"role": "user", "content": item.prompt}]
     if getattr(tokenizer, "chat_template", None) and not item.raw:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text, False  # the template already holds BOS / special tokens
+        return text, False, item.stop  # the template already holds BOS / special tokens
+    if item.base_prompt is not None:
+        return item.base_prompt, True, item.base_stop
     if item.prompt is not None:
-        return item.prompt, True
-    return "\n\n".join(m["content"] for m in messages), True
+        return item.prompt, True, item.stop
+    return "\n\n".join(m["content"] for m in messages), True, item.stop
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:
@@ -74,7 +81,8 @@ def generate(model, tokenizer, items: Sequence[Item], *, batch_size: int = 8, pr
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rendered = [render_prompt(tokenizer, it) for it in items]
-    encoded = [tokenizer(text, add_special_tokens=special)["input_ids"] for text, special in rendered]
+    encoded = [tokenizer(text, add_special_tokens=special)["input_ids"] for text, special, _ in rendered]
+    item_stops = [stops for _, _, stops in rendered]
     order = sorted(range(len(items)), key=lambda i: len(encoded[i]))
     pad_id = _pad_id(tokenizer, model)
     eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
@@ -91,7 +99,7 @@ def generate(model, tokenizer, items: Sequence[Item], *, batch_size: int = 8, pr
             ids[row, width - n :] = torch.tensor(encoded[i], dtype=torch.long)
             mask[row, width - n :] = 1
         max_new = max(items[i].max_tokens for i in idx)
-        stops = [items[i].stop for i in idx]
+        stops = [item_stops[i] for i in idx]
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, max_new_tokens=max_new,
             pad_token_id=pad_id, eos_token_id=eos, temperature=None, top_p=None, top_k=None,
@@ -106,7 +114,7 @@ def generate(model, tokenizer, items: Sequence[Item], *, batch_size: int = 8, pr
                         new = new[:k]
                         break
             text = tokenizer.decode(new, skip_special_tokens=True)
-            outputs[i] = cut_at_stop(text, items[i].stop)
+            outputs[i] = cut_at_stop(text, item_stops[i])
         bar.update(len(idx))
     bar.close()
     return outputs

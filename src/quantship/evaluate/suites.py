@@ -32,7 +32,9 @@ from typing import Any, Callable
 from .checkers import checker_names
 
 ROLES = ("system", "user", "assistant")
-HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```")
+CODE_INSTRUCTION = ("Complete the following Python function. Reply with the complete function, including its "
+                    "signature, in a ```python code block.\n\n```python\n{stub}```")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class Item:
     max_tokens: int = 128
     stop: tuple[str, ...] = ()
     raw: bool = False  # send the prompt as is, even when the tokenizer has a chat template
+    base_prompt: str | None = None  # used instead of prompt/messages when the tokenizer has no chat template
+    base_stop: tuple[str, ...] = ()  # stop strings that go with base_prompt
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -65,8 +69,11 @@ class Item:
             _check_messages(self.messages)
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise ValueError(f"'max_tokens' must be a positive integer, got {self.max_tokens!r}")
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"'stop' must be a list of non-empty strings, got {list(self.stop)!r}")
+        for key in ("stop", "base_stop"):
+            if not all(isinstance(s, str) and s for s in getattr(self, key)):
+                raise ValueError(f"'{key}' must be a list of non-empty strings, got {list(getattr(self, key))!r}")
+        if self.base_prompt is not None and not isinstance(self.base_prompt, str):
+            raise ValueError(f"'base_prompt' must be a string, got {type(self.base_prompt).__name__}")
         need = _REQUIRED.get(self.checker)
         if need and not need[0](self):
             raise ValueError(f"checker {self.checker!r} needs {need[1]}")
@@ -122,7 +129,7 @@ class Suite:
 # ----------------------------------------------------------------------------- user JSONL
 
 USER_KEYS = ("id", "prompt", "messages", "checker", "reference", "answers", "schema", "tests", "entry_point",
-             "pattern", "max_tokens", "stop", "raw", "meta")
+             "pattern", "max_tokens", "stop", "raw", "base_prompt", "base_stop", "meta")
 
 
 def item_from_dict(d: dict, *, default_id: str) -> Item:
@@ -136,7 +143,7 @@ def item_from_dict(d: dict, *, default_id: str) -> Item:
         raise ValueError(f"missing 'checker'; one of: {', '.join(checker_names())}")
     kw: dict[str, Any] = dict(d)
     kw["id"] = str(d.get("id", default_id))
-    for key in ("answers", "stop"):
+    for key in ("answers", "stop", "base_stop"):
         if key in kw:
             v = kw[key]
             if isinstance(v, str):
@@ -266,8 +273,11 @@ def in_small_subset(problem: dict) -> bool:
 @register_suite("code")
 def _code_suite(full: bool, ctx: SuiteContext) -> Suite:
     problems = [p for p in humaneval_problems() if full or in_small_subset(p)]
-    items = tuple(Item(id=p["task_id"], checker="code", prompt=p["prompt"], tests=p["test"],
-                       entry_point=p["entry_point"], max_tokens=256, stop=HUMANEVAL_STOPS, raw=True)
+    # chat models get an instruction and answer with the whole function in a fence; base models
+    # (no chat template) continue the stub and stop at the next top-level statement
+    items = tuple(Item(id=p["task_id"], checker="code", prompt=CODE_INSTRUCTION.format(stub=p["prompt"]),
+                       base_prompt=p["prompt"], base_stop=HUMANEVAL_STOPS, tests=p["test"],
+                       entry_point=p["entry_point"], max_tokens=320)
                   for p in problems)
     return Suite("code", items, "HumanEval" + ("" if full else " small-model subset"))
 
@@ -347,7 +357,7 @@ def _long_suite(full: bool, ctx: SuiteContext) -> Suite:
             prompt = ("Read the following text carefully. Somewhere in it is a secret passphrase.\n\n"
                       f"{hay}\n\n{LONG_QUESTION}")
             items.append(Item(id=f"long-{budget}tok-d{depth:.2f}", checker="contains", prompt=prompt,
-                              answers=(phrase,), max_tokens=16, stop=("\n",),
+                              answers=(phrase,), max_tokens=32, stop=("\n",),
                               meta={"context_tokens": budget, "depth": depth}))
     return Suite("long", tuple(items), f"needle in a haystack up to {ctx.max_context} tokens")
 

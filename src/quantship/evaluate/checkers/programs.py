@@ -1,7 +1,7 @@
 """`code` checker: run a HumanEval-style completion against its tests in the sandbox.
 
-Item fields: `prompt` (function signature + docstring), `tests` (defines `check(candidate)`),
-`entry_point` (function name). The program executed is
+Item fields: `base_prompt` or else `prompt` (function signature + docstring), `tests` (defines
+`check(candidate)`), `entry_point` (function name). The program executed is
 
     <prompt><completion>          if the output continues the function body, or
     <prompt>\n<code>              if the output (or its ```python fence) redefines the function
@@ -28,7 +28,8 @@ def extract_code(output: str) -> str:
 
 
 def build_program(output: str, item) -> str:
-    prompt = attr(item, "prompt") or ""
+    # the function stub: base_prompt when the item has one (chat prompt = instruction), else prompt
+    prompt = attr(item, "base_prompt") or attr(item, "prompt") or ""
     tests = attr(item, "tests")
     entry = attr(item, "entry_point")
     if not tests or not entry:
