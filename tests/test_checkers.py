@@ -274,3 +274,33 @@ def test_answer_detected(output):
 def test_refusal_needs_expected_behaviour():
     with pytest.raises(ValueError, match="refuse"):
         check("refusal", "ok", {"reference": "maybe"})
+
+
+# ----------------------------------------------------------------------------- properties
+
+from fractions import Fraction  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(-10_000, 10_000), st.integers(1, 500), st.integers(1, 9))
+def test_math_fraction_forms_are_equivalent(p, q, k):
+    value = Fraction(p, q)
+    unreduced = f"{p * k}/{q * k}"
+    assert equivalent(unreduced, f"{value.numerator}/{value.denominator}")
+    assert check("math", f"The answer is {unreduced}.", {"reference": str(value)}).passed
+    if q in (1, 2, 4, 5, 8, 10, 16, 20, 25, 40, 50, 100):  # terminating decimals
+        assert equivalent(f"{float(value):.10f}", unreduced)
+    assert not equivalent(unreduced, f"{value.numerator + 1}/{value.denominator}")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=200))
+def test_checkers_never_crash_on_arbitrary_output(text):
+    for name, item in [("math", {"reference": "1/2"}), ("json", {"schema": {"type": "object"}}),
+                       ("qa", {"answers": ["Paris"]}), ("contains", {"answers": ["x y"]}),
+                       ("refusal", {"reference": "answer"}), ("regex", {"pattern": "a+"})]:
+        r = check(name, text, item)
+        assert isinstance(r.passed, bool) and isinstance(r.detail, str)

@@ -7,6 +7,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import build_tiny_model
 from quantship.evaluate.generate import cut_at_stop, generate, render_prompt
@@ -259,3 +261,35 @@ def test_run_suites_rejects_unknown_suite(pair):
         run_suites(pair[0], pair[1], ["nope"])
     with pytest.raises(ValueError, match="no suites"):
         run_suites(pair[0], pair[1], [])
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.text(alphabet=st.characters(blacklist_characters="\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"),
+                        max_size=60), min_size=1, max_size=4))
+def test_user_jsonl_errors_are_value_errors_with_line_numbers(lines):
+    from quantship.evaluate.suites import parse_jsonl
+
+    text = "\n".join(lines)
+    try:
+        items = parse_jsonl(text, source="f.jsonl", name="f")
+    except ValueError as e:
+        assert str(e).startswith("f.jsonl:")
+    else:
+        assert items
+
+
+def test_render_tables_shows_regressions(pair, tmp_path):
+    from rich.console import Console
+
+    (b_model, tok), candidate = pair
+    prompts = ["The quick brown", "def add(a, b):", "Quantization maps", "Perplexity and", "The lazy dog", "over the"]
+    outs = generate(b_model, tok, [Item(id=str(i), checker="exact", prompt=p, answers=("-",), max_tokens=6)
+                                   for i, p in enumerate(prompts)], progress=False)
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"id": f"item{i}", "prompt": p, "checker": "exact", "answers": [o],
+                                        "max_tokens": 6}) + "\n" for i, (p, o) in enumerate(zip(prompts, outs))))
+    res = run_suites((b_model, tok), candidate, [], suite_files=[path])
+    console = Console(record=True, width=200)
+    render_tables(res, console=console)
+    text = console.export_text()
+    assert "mine" in text and "significant" in text and "item0" in text and "-1.000" in text
