@@ -152,6 +152,11 @@ def test_ece_streaming_equals_one_shot_and_logits_path():
     assert acc.result().ece == pytest.approx(one_shot.ece, abs=1e-6)
 
 
+def test_ece_tolerates_float_rounding_at_one():
+    cal = expected_calibration_error(np.float32([1.0000001, 0.9999999]), [1, 1], n_bins=10)
+    assert cal.bins[9].count == 2 and cal.ece == pytest.approx(0.0, abs=1e-6)
+
+
 def test_ece_errors():
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         expected_calibration_error([1.5], [1])

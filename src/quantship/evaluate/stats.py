@@ -135,6 +135,9 @@ class Calibration:
                 "bins": [vars(b).copy() for b in self.bins]}
 
 
+PROB_TOL = 1e-4  # float32 rounding of exp(log p) around 0 and 1
+
+
 def _bin_index(conf: np.ndarray, n_bins: int) -> np.ndarray:
     # bin i holds (i/n, (i+1)/n]; 0 goes to bin 0
     return np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
@@ -162,9 +165,10 @@ class ECEAccumulator:
         if conf.shape != corr.shape:
             raise ValueError(f"confidence has {conf.size} values but correct has {corr.size}; "
                              f"give one correctness flag per confidence")
-        if conf.size and (np.nanmin(conf) < 0.0 or np.nanmax(conf) > 1.0 or np.isnan(conf).any()):
+        if conf.size and (np.isnan(conf).any() or conf.min() < -PROB_TOL or conf.max() > 1.0 + PROB_TOL):
             raise ValueError("confidences must be probabilities in [0, 1]; pass softmax probabilities, "
                              "not logits (or use update_logits)")
+        conf = np.clip(conf, 0.0, 1.0)  # exp(log_softmax) can round to 1 + 1e-7
         idx = _bin_index(conf, self.n_bins)
         self._count += np.bincount(idx, minlength=self.n_bins)
         self._conf += np.bincount(idx, weights=conf, minlength=self.n_bins)
