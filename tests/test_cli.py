@@ -51,3 +51,22 @@ def test_method_params_are_typed_and_validated():
         parse_method_params(["oops"])
     with pytest.raises(ValueError, match="valid regular expression"):
         QuantSpec(scheme="w8", ignore=("(",))
+
+
+def test_eval_with_suites_adds_tasks_to_the_json(tiny_models, tmp_path):
+    import json
+
+    import quantship
+
+    art = quantship.quantize(str(tiny_models["llama"]), "w8", out=tmp_path / "q", progress=False, log=lambda *a: None)
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    out = tmp_path / "r.json"
+    assert cli(["eval", str(tiny_models["llama"]), str(art), "--text", str(text), "--ctx", "32", "--suites",
+                "math,qa", "--limit", "2", "--items-dir", str(tmp_path / "items"), "--json", str(out)]) == 0
+    tasks = json.loads(out.read_text())["tasks"]
+    for suite in ("math", "qa"):
+        assert set(tasks[suite]) >= {"baseline", "candidate", "delta", "ci95", "p_value", "flips"}
+    assert len(tasks["content_sha256"]) == 64
+    assert (tmp_path / "items" / "q" / "tasks-math.jsonl").is_file()
+    assert cli(["eval", str(tiny_models["llama"]), str(art), "--text", str(text), "--suites", "poetry"]) == 1

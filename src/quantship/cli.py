@@ -83,6 +83,14 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-windows", type=int, default=default_of(EvalSpec, "max_windows"),
                    help="windows per text (0 = all)")
     p.add_argument("--batch-size", type=int, default=default_of(EvalSpec, "batch_size"))
+    p.add_argument("--suites", default="", metavar="LIST",
+                   help="task suites, comma-separated: code,math,json,qa,long,multilingual,refusal or all")
+    p.add_argument("--suite-file", action="append", default=[], metavar="JSONL",
+                   help="your own suite (repeatable; format in docs/evaluation.md)")
+    p.add_argument("--full", action="store_true", help="full suites (e.g. all 164 HumanEval problems)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many items per suite")
+    p.add_argument("--items-dir", default=None, help="write per-item results (JSONL) here")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def cmd_pull(args) -> int:
@@ -170,6 +178,9 @@ def _evaluate_all(baseline: str, candidates: list[str], args) -> list[dict]:
         path = resolve_model(cand_name)
         cand = load_model(path)
         report = compare(base, cand, texts=args.text, spec=spec)
+        _warn_calibration_overlap(path, base[1], args, spec)
+        if args.suites or args.suite_file:
+            report["tasks"] = _run_tasks(base, cand, args, cand_name)
         row = {"name": cand_name, "report": report, "bpw": None, "size_bytes": None}
         if is_artifact(path):
             from .artifact import read_manifest
@@ -181,6 +192,54 @@ def _evaluate_all(baseline: str, candidates: list[str], args) -> list[dict]:
         rows.append(row)
         del cand
     return rows
+
+
+def _suite_list(text: str) -> list[str]:
+    from .evaluate.suites import GENERATION_SUITES, SCORING_SUITES
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    return [*GENERATION_SUITES, *SCORING_SUITES] if names == ["all"] else names
+
+
+def _run_tasks(base, cand, args, cand_name: str) -> dict:
+    from .evaluate.tasks import render_tables, run_suites
+    from .fsutil import canonical_json, sha256_bytes
+    from .report import console
+
+    items_dir = None
+    if args.items_dir:
+        items_dir = Path(args.items_dir) / Path(cand_name).name
+    results = run_suites(base, cand, _suite_list(args.suites), suite_files=args.suite_file, full=args.full,
+                         seed=args.seed, limit=args.limit, out_dir=items_dir)
+    render_tables(results, console=console)
+    hashes = {name: r.get("content_hash") for name, r in results.items()}
+    return {**results, "content_sha256": sha256_bytes(canonical_json(hashes).encode())}
+
+
+def _warn_calibration_overlap(path: Path, tokenizer, args, spec: EvalSpec) -> None:
+    """Loudly warn when a candidate was calibrated on the very windows it is evaluated on."""
+    from .models.load import is_artifact
+
+    if not is_artifact(path):
+        return
+    from .artifact import read_manifest
+
+    calibration = read_manifest(path).get("calibration")
+    if not calibration:
+        return
+    try:
+        from .calib.overlap import find_overlap
+    except ImportError:
+        return
+    from .evaluate.compare import load_texts
+    from .evaluate.metrics import make_windows
+
+    for name, text in load_texts(args.text).items():
+        windows = make_windows(tokenizer(text, add_special_tokens=False)["input_ids"], spec.ctx, spec.max_windows)
+        overlap = find_overlap(calibration, windows)
+        if overlap:
+            print(f"WARNING: {path} was calibrated on data that overlaps the evaluation text {name!r}: {overlap}. "
+                  f"Its scores are optimistic; evaluate on held-out text.", file=sys.stderr)
 
 
 def _write_json(path: str, rows: list[dict], baseline: str) -> None:

@@ -56,6 +56,8 @@ def kld_table(report: dict, name: str) -> Table:
     ]
     rows += [(f"KLD {k}", f"{v:.6f}") for k, v in report["kld"].items()]
     rows.append(("same top token", f"{report['top1_agreement'] * 100:.2f} %"))
+    if "ece" in report:
+        rows.append(("ECE baseline / candidate", f"{report['ece']['baseline']:.4f} / {report['ece']['candidate']:.4f}"))
     rows += [(f"Δp {k}", f"{v * 100:+.3f} %") for k, v in report["delta_p"].items()]
     for label, value in rows:
         table.add_row(label, value)
