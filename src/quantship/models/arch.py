@@ -35,26 +35,23 @@ class ArchFacts:
         return tuple(name for g in self.groups for name in g.linears) + tuple(self.extra.get("unfed", ()))
 
 
-_LLAMA = ArchFacts(
-    blocks="model.layers",
-    groups=(
-        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "linear"),
-        ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-        ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "linear"),
-    ),
-)
+def _llama_like(mlp_norm: str, norm_weight_offset: float = 0.0) -> ArchFacts:
+    # llama/mistral/qwen: the MLP's norm is post_attention_layernorm; Gemma 3 has an extra
+    # post-attention norm on the residual branch and feeds the MLP from pre_feedforward_layernorm.
+    return ArchFacts(
+        blocks="model.layers",
+        groups=(
+            ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "linear"),
+            ScaleGroup(mlp_norm, ("mlp.gate_proj", "mlp.up_proj")),
+            ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "linear"),
+        ),
+        norm_weight_offset=norm_weight_offset,
+    )
 
-_GEMMA3 = ArchFacts(
-    blocks="model.layers",
-    groups=(
-        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "linear"),
-        ScaleGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-        ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "linear"),
-    ),
-    norm_weight_offset=1.0,
-)
+
+_LLAMA = _llama_like("post_attention_layernorm")
+_GEMMA3 = _llama_like("pre_feedforward_layernorm", norm_weight_offset=1.0)
 
 _PHI3 = ArchFacts(
     blocks="model.layers",
