@@ -1,0 +1,202 @@
+"""The engine: continuous batching over a preallocated KV cache.
+
+Every `step()` first admits waiting requests into free slots (prefill emits each one's first
+token), then runs one batched decode step for all running requests. A request that finishes
+leaves at once and its slot is refilled by compaction (the last running slot moves into the
+hole), so decode always reads slots 0..n-1.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .forward import LlamaForward
+from .kv_cache import KVCache
+from .params import SamplingParams, TokenEvent
+from .sampling import sample_token
+
+
+@dataclass
+class _Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    output: list[int] = field(default_factory=list)
+    text: str = ""  # decoded output so far (what has been emitted)
+    length: int = 0  # tokens in the KV cache
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, max_batch: int = 16, max_seq_len: int | None = None,
+                 kv_cache: str = "float32", fast: bool = True):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        cfg = model.config
+        limit = getattr(cfg, "max_position_embeddings", None) or 2048
+        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+            limit = min(limit, cfg.sliding_window)  # no sliding-window attention here: stay inside one window
+        self.max_seq_len = min(max_seq_len or 2048, limit)
+        self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
+        self.fast = fast
+        self.kernels = self._prepare_fast() if fast else {}
+        self.forward = LlamaForward(model, head=self._fast_head() if fast else None)
+        f = self.forward
+        self.cache = KVCache(len(f.layers), max_batch, f.n_kv, self.max_seq_len, f.head_dim, kv_cache)
+        self.eos_ids = self._eos_ids()
+        self.waiting: deque[_Request] = deque()
+        self.running: list[_Request] = []  # running[i] occupies cache slot i
+        self._ids = itertools.count()
+
+    # ----- set-up -------------------------------------------------------------------------------
+    def _prepare_fast(self) -> dict[str, int]:
+        from ..formats.kernels import prepare_model
+
+        return prepare_model(self.model)
+
+    def _fast_head(self):
+        """int8 weight-only copy of a float lm_head: at batch 1 the head is the largest matrix read."""
+        from ..formats.grid import quantize_weight
+        from ..formats.linear import QuantLinear
+        from ..formats.scheme import parse_scheme
+
+        head = self.model.lm_head
+        if isinstance(head, QuantLinear):
+            return head
+        layer = QuantLinear.from_quantized(quantize_weight(parse_scheme("w8"), head.weight.detach()),
+                                           head.bias.detach() if head.bias is not None else None)
+        layer.prepare_fast()
+        return layer
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for source in (getattr(self.tokenizer, "eos_token_id", None),
+                       getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        return ids
+
+    def kv_bytes_per_token(self) -> int:
+        return self.cache.bytes_per_token()
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights read per decoded token (all layers + final norm + head; embeddings: one row)."""
+        f = self.forward
+        total = sum(t.numel() * t.element_size() for layer in f.layers for t in _tensors(layer))
+        total += sum(t.numel() * t.element_size() for t in _tensors(f.inner.norm))
+        total += sum(t.numel() * t.element_size() for t in _tensors(f.head))
+        return total
+
+    # ----- requests ---------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams = SamplingParams(),
+                    request_id: str | None = None) -> str:
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) + params.max_tokens > self.max_seq_len:
+            raise ValueError(
+                f"request needs {len(ids)} prompt + {params.max_tokens} new tokens = {len(ids) + params.max_tokens}, "
+                f"more than the context of {self.max_seq_len}; shorten the prompt or lower max_tokens"
+            )
+        rid = request_id or f"req-{next(self._ids)}"
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.waiting.append(_Request(rid, ids, params, gen))
+        return rid
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, request_id: str) -> None:
+        self.waiting = deque(r for r in self.waiting if r.id != request_id)
+        for i, r in enumerate(self.running):
+            if r.id == request_id:
+                self._release(i)
+                return
+
+    # ----- scheduling -------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        while self.waiting and len(self.running) < self.max_batch:
+            req = self.waiting.popleft()
+            slot = len(self.running)
+            self.running.append(req)
+            logits = self.forward.prefill(torch.tensor(req.prompt), self.cache, slot)
+            req.length = len(req.prompt)
+            events.append(self._accept(slot, logits))
+        self._drop_finished()
+        if self.running:
+            n = len(self.running)
+            ids = torch.tensor([r.output[-1] for r in self.running])
+            positions = torch.tensor([r.length for r in self.running])
+            logits = self.forward.decode(ids, positions, self.cache)
+            for i, req in enumerate(self.running):
+                req.length += 1
+            events.extend(self._accept(i, logits[i]) for i in range(n))
+            self._drop_finished()
+        return events
+
+    def _accept(self, slot: int, logits: torch.Tensor) -> TokenEvent:
+        req = self.running[slot]
+        seen = torch.tensor(req.prompt + req.output) if req.params.repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
+        token = sample_token(logits, req.params, seen, req.generator)
+        req.output.append(token)
+        full = self.tokenizer.decode(req.output, skip_special_tokens=True)
+        new_text = full[len(req.text):] if full.startswith(req.text) else full
+        reason = None
+        if token in self.eos_ids and not req.params.ignore_eos or token in req.params.stop_token_ids:
+            reason = "stop"
+        stop_at = min((full.find(s) for s in req.params.stop if s in full), default=-1)
+        if stop_at >= 0:
+            new_text = full[len(req.text):stop_at] if stop_at >= len(req.text) else ""
+            reason = "stop"
+        elif reason is None and len(req.output) >= req.params.max_tokens:
+            reason = "length"
+        req.text += new_text
+        req.finished = reason
+        return TokenEvent(req.id, token, new_text, reason is not None, reason, time.perf_counter())
+
+    def _drop_finished(self) -> None:
+        for i in range(len(self.running) - 1, -1, -1):
+            if getattr(self.running[i], "finished", None):
+                self._release(i)
+
+    def _release(self, slot: int) -> None:
+        last = len(self.running) - 1
+        if slot != last:  # compaction: the last running request moves into the freed slot
+            self.cache.move(last, slot, self.running[last].length)
+            self.running[slot] = self.running[last]
+        self.running.pop()
+
+    # ----- conveniences -----------------------------------------------------------------------
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] = SamplingParams()
+                 ) -> list[list[int]]:
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        outputs: dict[str, list[int]] = {i: [] for i in ids}
+        while self.has_unfinished():
+            for ev in self.step():
+                outputs[ev.request_id].append(ev.token_id)
+        return [outputs[i] for i in ids]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams = SamplingParams()) -> Iterator[TokenEvent]:
+        rid = self.add_request(prompt, params)
+        while self.has_unfinished():
+            for ev in self.step():
+                if ev.request_id == rid:
+                    yield ev
+
+
+def _tensors(module):
+    seen = set()
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.data_ptr() not in seen and t.numel():
+            seen.add(t.data_ptr())
+            yield t
