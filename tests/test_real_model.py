@@ -73,3 +73,14 @@ def test_gemma3_pulls_quantizes_and_stays_close_at_w8():
     r = quantship.quantize("gemma3-270m", "w8", progress=False, log=lambda *a: None)
     rep = quantship.evaluate(base, (r.model, r.tokenizer), max_windows=2, progress=False)
     assert rep["kld"]["mean"] < 0.01 and rep["top1_agreement"] > 0.95
+
+
+def test_engine_matches_transformers_greedy_on_the_default_model(baseline):
+    from quantship.engine import Engine, SamplingParams
+
+    model, tok = baseline
+    prompt = "The history of the city began when"
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    ref = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
+    out = Engine(model, tok, fast=False, max_batch=2).generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True))
+    assert out[0] == ref
