@@ -34,6 +34,10 @@ class _Request:
 
 
 class Engine:
+    """Serve a causal LM. With fast=True (default) quantized layers switch to their integer kernels
+    (bf16 activations) and the engine takes ownership of the model: repacked layers drop their
+    packed codes, so save artifacts before building an engine. fast=False is the exact reference."""
+
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_seq_len: int | None = None,
                  kv_cache: str = "float32", fast: bool = True):
         if max_batch < 1:
@@ -45,8 +49,9 @@ class Engine:
         self.max_seq_len = min(max_seq_len or 2048, limit)
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
         self.fast = fast
-        self.kernels = self._prepare_fast() if fast else {}
         self.forward = LlamaForward(model, head=self._fast_head() if fast else None)
+        self.fused = self.forward.fuse() if fast else 0
+        self.kernels = self._prepare_fast() if fast else {}
         f = self.forward
         self.cache = KVCache(len(f.layers), max_batch, f.n_kv, self.max_seq_len, f.head_dim, kv_cache)
         self.eos_ids = self._eos_ids()
@@ -56,9 +61,11 @@ class Engine:
 
     # ----- set-up -------------------------------------------------------------------------------
     def _prepare_fast(self) -> dict[str, int]:
+        # Kernels that repack weights (int4) would otherwise hold two copies: the engine owns the
+        # model from here on, so the packed codes are released (forward still works; saving does not).
         from ..formats.kernels import prepare_model
 
-        return prepare_model(self.model)
+        return prepare_model(self.model, release_codes=True)
 
     def _fast_head(self):
         """int8 weight-only copy of a float lm_head: at batch 1 the head is the largest matrix read."""

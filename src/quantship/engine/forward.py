@@ -55,13 +55,32 @@ class LlamaForward:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scaling = self.layers[0].self_attn.scaling
         self.head = head if head is not None else model.lm_head
+        self.qkv: list = [None] * len(self.layers)  # fused (q, k, v) projections, set by fuse()
+        self.gate_up: list = [None] * len(self.layers)
 
-    def _attention_inputs(self, layer, x, cos, sin):
+    def fuse(self) -> int:
+        """Fuse q/k/v and gate/up of quantized layers; -> number of fused groups."""
+        from .fuse import fuse_quant_linears
+
+        count = 0
+        for i, layer in enumerate(self.layers):
+            a, m = layer.self_attn, layer.mlp
+            self.qkv[i] = fuse_quant_linears([a.q_proj, a.k_proj, a.v_proj])
+            self.gate_up[i] = fuse_quant_linears([m.gate_proj, m.up_proj])
+            count += (self.qkv[i] is not None) + (self.gate_up[i] is not None)
+        return count
+
+    def _attention_inputs(self, i, layer, x, cos, sin):
         b, t, _ = x.shape
         attn = layer.self_attn
-        q = attn.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = attn.k_proj(x).view(b, t, self.n_kv, self.head_dim)
-        v = attn.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qkv[i] is not None:
+            q, k, v = self.qkv[i](x).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                                             self.n_kv * self.head_dim], dim=-1)
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv, self.head_dim)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         if self.family.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs)
@@ -70,10 +89,14 @@ class LlamaForward:
         k = k * cos + rotate_half(k) * sin
         return q, k, v
 
-    def _mlp(self, layer, h):
+    def _mlp(self, i, layer, h):
         x = layer.post_attention_layernorm(h)
         mlp = layer.mlp
-        return h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        if self.gate_up[i] is not None:
+            gate, up = self.gate_up[i](x).chunk(2, dim=-1)
+        else:
+            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        return h + mlp.down_proj(mlp.act_fn(gate) * up)
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, cache: KVCache, slot: int) -> torch.Tensor:
@@ -85,11 +108,11 @@ class LlamaForward:
         slots = torch.tensor([slot])
         starts = torch.zeros(1, dtype=torch.long)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._attention_inputs(layer, layer.input_layernorm(h), cos, sin)
+            q, k, v = self._attention_inputs(i, layer, layer.input_layernorm(h), cos, sin)
             cache.write(i, slots, starts, k, v)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
             h = h + layer.self_attn.o_proj(y.transpose(1, 2).reshape(1, t, -1))
-            h = self._mlp(layer, h)
+            h = self._mlp(i, layer, h)
         h = self.inner.norm(h[:, -1])
         return self.head(h)[0].float()
 
@@ -104,11 +127,11 @@ class LlamaForward:
         # (n, 1, 1, L): slot i attends to positions 0..positions[i]
         mask = (torch.arange(length).unsqueeze(0) <= positions.unsqueeze(1)).view(n, 1, 1, length)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._attention_inputs(layer, layer.input_layernorm(h), cos, sin)
+            q, k, v = self._attention_inputs(i, layer, layer.input_layernorm(h), cos, sin)
             cache.write(i, slots, positions, k, v)
             keys, values = cache.read(i, n, length, q.dtype)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True)
             h = h + layer.self_attn.o_proj(y.transpose(1, 2).reshape(n, 1, -1))
-            h = self._mlp(layer, h)
+            h = self._mlp(i, layer, h)
         h = self.inner.norm(h[:, 0])
         return self.head(h).float()

@@ -86,6 +86,8 @@ def prepare_model(model: torch.nn.Module, *, release_codes: bool = False) -> dic
     counts: dict[str, int] = {}
     for module in model.modules():
         if isinstance(module, QuantLinear):
+            if module.qweight.numel() == 0 and module.kernel is None:
+                continue  # fused into another layer by the engine: nothing left to prepare
             name = module.prepare_fast(release_codes=release_codes)
             counts[name] = counts.get(name, 0) + 1
     return counts
