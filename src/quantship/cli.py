@@ -66,6 +66,36 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="write the report(s) as JSON")
     e.set_defaults(func=cmd_eval)
 
+    pl = sub.add_parser("plan", help="memory plan: weights, KV cache, the largest batch x context that fits")
+    pl.add_argument("model", help="built-in name, HF folder, config.json or example (llama-2-7b, llama-3.1-8b, ...)")
+    pl.add_argument("--scheme", required=True, help="fp32, bf16, fp16 or a scheme (w8, w4g128, ...)")
+    pl.add_argument("--kv", default="bf16", help="KV cache: float32, bf16, fp16, int8, fp8")
+    pl.add_argument("--ctx", type=int, default=4096, help="tokens per sequence")
+    mem = pl.add_mutually_exclusive_group()
+    mem.add_argument("--memory", default="24GiB", help="budget, e.g. 24GiB, 80GB, 500MiB")
+    mem.add_argument("--gpu", help="preset: h100-80gb, a100-80gb, a100-40gb, l4-24gb, rtx4090-24gb")
+    pl.add_argument("--quantize-head", action="store_true", help="lm_head quantized too")
+    pl.add_argument("--price-per-hour", type=float, help="with --tok-s: cost per million tokens")
+    pl.add_argument("--tok-s", type=float, help="sustained output tokens/s (from `quantship bench`)")
+    pl.set_defaults(func=cmd_plan)
+
+    b = sub.add_parser("bench", help="speed and memory on the engine: single stream, or load at a concurrency/rate")
+    b.add_argument("model", help="built-in name, HF folder or quantship artifact")
+    load = b.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=int, help="closed loop: this many requests in flight")
+    load.add_argument("--request-rate", type=float, help="open loop: Poisson arrivals per second")
+    b.add_argument("--num-prompts", type=int, default=16)
+    b.add_argument("--input-len", type=int, default=128, help="prompt tokens")
+    b.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
+    b.add_argument("--kv", default="float32", help="KV cache: float32, bfloat16, int8")
+    b.add_argument("--max-batch", type=int, default=16)
+    b.add_argument("--repeats", type=int, default=3, help="single stream: timed repeats (median)")
+    b.add_argument("--slo", default="", help="goodput SLOs, e.g. ttft=0.5,tpot=50ms")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--price-per-hour", type=float, help="cost per million output tokens at this price")
+    b.add_argument("--json", help="write the results as JSON")
+    b.set_defaults(func=cmd_bench)
+
     d = sub.add_parser("demo", help="the default flow: pull, quantize w8 and w4g64 with RTN, evaluate, compare")
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--schemes", default="w8,w4g64")
@@ -288,6 +318,38 @@ def cmd_demo(args) -> int:
         _write_json(args.json, rows, args.model)
     return 0
 
+
+
+def cmd_plan(args) -> int:
+    from .bench.plan import cost_per_million_tokens, plan, render_plan
+    from .report import console
+
+    p = plan(args.model, args.scheme, kv=args.kv, ctx=args.ctx, memory=args.gpu or args.memory,
+             quantize_head=args.quantize_head)
+    console.print(render_plan(p))
+    if args.price_per_hour is not None and args.tok_s:
+        print(f"${cost_per_million_tokens(args.tok_s, args.price_per_hour):.3f} per 1M tokens "
+              f"at {args.tok_s:g} tok/s and ${args.price_per_hour:g}/hour")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench.run import BenchSpec, run_bench
+    from .bench.report import render_bench
+    from .report import console
+
+    spec = BenchSpec(model=args.model, concurrency=args.concurrency, request_rate=args.request_rate,
+                     num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+                     kv=args.kv, max_batch=args.max_batch, repeats=args.repeats, slo=args.slo, seed=args.seed,
+                     price_per_hour=args.price_per_hour)
+    result = run_bench(spec)
+    console.print(render_bench(result))
+    if args.json:
+        from .fsutil import atomic_write_json
+
+        atomic_write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())
