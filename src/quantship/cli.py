@@ -103,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_options(d)
     d.add_argument("--json", default="out/demo.json")
     d.set_defaults(func=cmd_demo)
+
+    from .evaluate.harness import DEFAULT_BATCH_SIZE, DEFAULT_TASKS
+
+    h = sub.add_parser("harness", help="lm-evaluation-harness tasks (local YAMLs) on a model or artifact")
+    h.add_argument("model", help="built-in name, HF folder or quantship artifact")
+    h.add_argument("--tasks", default=",".join(DEFAULT_TASKS), metavar="LIST",
+                   help="comma-separated: packaged tasks (quantship_mc, quantship_gen) or paths of task YAMLs")
+    h.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
+    h.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    h.add_argument("--num-fewshot", type=int, default=None)
+    h.add_argument("--apply-chat-template", action="store_true", help="let lm-eval wrap prompts in the chat template")
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--json", help="write the metrics as JSON")
+    h.set_defaults(func=cmd_harness)
     return p
 
 
@@ -344,6 +358,22 @@ def cmd_bench(args) -> int:
                      price_per_hour=args.price_per_hour)
     result = run_bench(spec)
     console.print(render_bench(result))
+    if args.json:
+        from .fsutil import atomic_write_json
+
+        atomic_write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_harness(args) -> int:
+    from .evaluate.harness import render_harness, run_harness
+    from .report import console
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    result = run_harness(args.model, tasks, limit=args.limit, batch_size=args.batch_size,
+                         num_fewshot=args.num_fewshot, apply_chat_template=args.apply_chat_template, seed=args.seed)
+    render_harness(result, console=console)
     if args.json:
         from .fsutil import atomic_write_json
 
