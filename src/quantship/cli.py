@@ -81,19 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="speed and memory on the engine: single stream, or load at a concurrency/rate")
     b.add_argument("model", help="built-in name, HF folder or quantship artifact")
-    load = b.add_mutually_exclusive_group()
-    load.add_argument("--concurrency", type=int, help="closed loop: this many requests in flight")
-    load.add_argument("--request-rate", type=float, help="open loop: Poisson arrivals per second")
-    b.add_argument("--num-prompts", type=int, default=16)
-    b.add_argument("--input-len", type=int, default=128, help="prompt tokens")
-    b.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
-    b.add_argument("--kv", default="float32", help="KV cache: float32, bfloat16, int8")
-    b.add_argument("--max-batch", type=int, default=16)
-    b.add_argument("--repeats", type=int, default=3, help="single stream: timed repeats (median)")
-    b.add_argument("--slo", default="", help="goodput SLOs, e.g. ttft=0.5,tpot=50ms")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--price-per-hour", type=float, help="cost per million output tokens at this price")
-    b.add_argument("--json", help="write the results as JSON")
+    _add_bench_options(b)
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="the default flow: pull, quantize w8 and w4g64 with RTN, evaluate, compare")
@@ -118,6 +106,31 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--json", help="write the metrics as JSON")
     h.set_defaults(func=cmd_harness)
     return p
+
+
+def _add_bench_options(b: argparse.ArgumentParser) -> None:
+    from .bench.run import KV_KINDS, BenchSpec
+
+    def d(name):
+        return default_of(BenchSpec, name)
+
+    load = b.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=int, help="closed loop: this many requests in flight")
+    load.add_argument("--request-rate", type=float, help="open loop: Poisson arrivals per second ('inf': all at once)")
+    b.add_argument("--num-prompts", type=int, default=d("num_prompts"), help="load modes: requests sent")
+    b.add_argument("--input-len", type=int, default=d("input_len"), help="prompt tokens (real news text)")
+    b.add_argument("--output-len", type=int, default=d("output_len"), help="generated tokens per request")
+    b.add_argument("--range-ratio", type=float, default=d("range_ratio"),
+                   help="load modes: lengths uniform in len x [1-r, 1+r] (0: fixed)")
+    b.add_argument("--kv", default=d("kv"), help=f"KV cache: {', '.join(KV_KINDS)}")
+    b.add_argument("--max-batch", type=int, default=d("max_batch"))
+    b.add_argument("--repeats", type=int, default=d("repeats"), help="single stream: timed repeats (median)")
+    b.add_argument("--warmup", type=int, default=d("warmup"), help="untimed warm-up runs")
+    b.add_argument("--slo", default=d("slo"), help="goodput SLOs, e.g. ttft=0.5,tpot=50ms,e2e=10s")
+    b.add_argument("--seed", type=int, default=d("seed"))
+    b.add_argument("--price-per-hour", type=float, help="cost per million output tokens at this price")
+    b.add_argument("--no-bandwidth", action="store_true", help="skip measuring the machine's read bandwidth")
+    b.add_argument("--json", help="write the results as JSON")
 
 
 def add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -354,8 +367,9 @@ def cmd_bench(args) -> int:
 
     spec = BenchSpec(model=args.model, concurrency=args.concurrency, request_rate=args.request_rate,
                      num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
-                     kv=args.kv, max_batch=args.max_batch, repeats=args.repeats, slo=args.slo, seed=args.seed,
-                     price_per_hour=args.price_per_hour)
+                     range_ratio=args.range_ratio, kv=args.kv, max_batch=args.max_batch, repeats=args.repeats,
+                     warmup=args.warmup, slo=args.slo, seed=args.seed, price_per_hour=args.price_per_hour,
+                     measure_bandwidth=not args.no_bandwidth)
     result = run_bench(spec)
     console.print(render_bench(result))
     if args.json:

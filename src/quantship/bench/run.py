@@ -1,0 +1,226 @@
+"""`quantship bench`: load a model or artifact into the Engine and measure it.
+
+    single stream (default)   bench.single: TTFT, prefill tok/s, TPOT, decode tok/s, bandwidth
+    --concurrency N           closed loop, N requests in flight        } bench.load + bench.metrics:
+    --request-rate R          open loop, Poisson arrivals (seeded)     } TTFT/TPOT/ITL/E2E, goodput
+
+Both report the cold load time, peak RSS, machine facts with the machine's measured read
+bandwidth, and (with --price-per-hour) cost per million output tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+from .metrics import load_metrics, parse_slo
+
+KV_KINDS = ("float32", "bfloat16", "int8")
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    model: str
+    concurrency: int | None = None  # closed loop: requests in flight
+    request_rate: float | None = None  # open loop: Poisson arrivals per second (inf: all at once)
+    num_prompts: int = 16  # load modes: requests sent
+    input_len: int = 128  # prompt tokens (mean when range_ratio > 0)
+    output_len: int = 128  # generated tokens per request (mean when range_ratio > 0)
+    range_ratio: float = 0.0  # load modes: lengths uniform in len x [1 - r, 1 + r]
+    kv: str = "float32"
+    max_batch: int = 16
+    repeats: int = 3  # single stream: timed repeats, median reported
+    warmup: int = 1  # untimed runs first (single stream); load modes send one short warm-up request
+    slo: str = ""  # goodput SLOs: "ttft=0.5,tpot=50ms,e2e=10s"
+    seed: int = 0
+    price_per_hour: float | None = None
+    measure_bandwidth: bool = True  # machine read bandwidth, in a subprocess (keeps its buffer out of peak RSS)
+    corpus: str = "news"
+
+    def __post_init__(self) -> None:
+        if not str(self.model).strip():
+            raise ValueError("model is empty: give a built-in name, an HF folder or a quantship artifact")
+        if self.concurrency is not None and self.request_rate is not None:
+            raise ValueError("give --concurrency (closed loop) or --request-rate (open loop), not both")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.request_rate is not None and not (self.request_rate > 0):
+            raise ValueError(f"request rate must be > 0 requests/s (inf sends all at once), got {self.request_rate}")
+        for name, low in (("num_prompts", 1), ("input_len", 1), ("output_len", 2), ("max_batch", 1), ("repeats", 1),
+                          ("warmup", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if not 0 <= self.range_ratio < 1:
+            raise ValueError(f"range_ratio must be in [0, 1), got {self.range_ratio}")
+        if self.range_ratio and self.mode == "single":
+            raise ValueError("range_ratio applies to load modes; add --concurrency or --request-rate")
+        if self.kv not in KV_KINDS:
+            raise ValueError(f"unknown KV cache {self.kv!r}; valid: {', '.join(KV_KINDS)}")
+        if self.price_per_hour is not None and self.price_per_hour < 0:
+            raise ValueError(f"price per hour must be >= 0, got {self.price_per_hour}")
+        self.slos  # raises on a malformed --slo
+
+    @property
+    def mode(self) -> str:
+        if self.concurrency is not None:
+            return "concurrency"
+        return "request_rate" if self.request_rate is not None else "single"
+
+    @property
+    def slos(self) -> dict[str, float]:
+        return parse_slo(self.slo)
+
+    @property
+    def max_seq_len(self) -> int:
+        """Longest request the engine must hold (prompt + output, at the top of the length range)."""
+        grow = 1 + self.range_ratio
+        return math.ceil(self.input_len * grow) + math.ceil(self.output_len * grow)
+
+
+def run_bench(spec: BenchSpec, *, progress: bool = True) -> dict:
+    """Measure `spec.model` on the engine; -> a JSON-ready dict (keys in docs/bench.md)."""
+    from .machine import machine_info
+    from .plan import cost_per_million_tokens
+
+    machine = machine_info(measure=False).to_dict()
+    if spec.measure_bandwidth:  # before loading, so the model's threads do not compete with it
+        machine["bandwidth_gbs"] = measure_bandwidth_subprocess()
+    engine, load_s, model_info = load_engine(spec)
+    if spec.mode == "single":
+        result = _single(engine, spec, load_s, machine["bandwidth_gbs"], progress)
+        throughput = result["decode_tok_s"]
+    else:
+        result = _load(engine, spec, load_s, machine["bandwidth_gbs"], progress)
+        throughput = result["output_tok_s"]
+    result["cost_per_million_output_tokens"] = (
+        cost_per_million_tokens(throughput, spec.price_per_hour) if spec.price_per_hour is not None else None)
+    result.update(model=model_info, spec=asdict(spec), machine=machine, versions=_versions(),
+                  kernels=dict(engine.kernels), fused_groups=engine.fused)
+    return result
+
+
+def load_engine(spec: BenchSpec):
+    """-> (Engine, cold load seconds, model facts). Load time = reading + verifying + kernel preparation."""
+    from ..engine import Engine
+    from ..models.load import is_artifact, load_model, read_config, resolve_model
+
+    path = resolve_model(spec.model, log=lambda *a, **k: None)
+    limit = read_config(path).get("max_position_embeddings") or 2048
+    if spec.max_seq_len > limit:
+        raise ValueError(f"prompt + output need up to {spec.max_seq_len} tokens but the model's context is {limit}; "
+                         f"lower --input-len / --output-len")
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(path, log=lambda *a, **k: None)
+    engine = Engine(model, tokenizer, max_batch=max(spec.max_batch, spec.concurrency or 1),
+                    max_seq_len=spec.max_seq_len, kv_cache=spec.kv)
+    load_s = time.perf_counter() - t0
+    info = {"path": str(path), "artifact": is_artifact(path), "scheme": None}
+    if info["artifact"]:
+        from ..artifact import read_manifest
+
+        info["scheme"] = read_manifest(path).get("scheme")
+    return engine, load_s, info
+
+
+def make_workload(spec: BenchSpec, tokenizer) -> tuple[list[list[int]], list[int]]:
+    """(prompts, output lengths) for the load modes, deterministic in spec.seed."""
+    from .workload import corpus_prompts, corpus_token_ids, sample_lengths
+
+    rng = random.Random(spec.seed)
+    in_lens = sample_lengths(spec.num_prompts, spec.input_len, spec.range_ratio, rng)
+    out_lens = sample_lengths(spec.num_prompts, spec.output_len, spec.range_ratio, rng)
+    out_lens = [max(2, n) for n in out_lens]  # TPOT needs two tokens
+    ids = corpus_token_ids(tokenizer, spec.corpus, min_tokens=max(8192, 4 * max(in_lens)))
+    return corpus_prompts(ids, in_lens, rng), out_lens
+
+
+def _single(engine, spec: BenchSpec, load_s: float, bandwidth: float | None, progress: bool) -> dict:
+    from .single import single_stream
+    from .workload import corpus_prompts, corpus_token_ids
+
+    ids = corpus_token_ids(engine.tokenizer, spec.corpus, min_tokens=max(8192, 4 * spec.input_len))
+    prompt = corpus_prompts(ids, [spec.input_len], random.Random(spec.seed))[0]
+    with _progress(progress, "single stream", spec.warmup + spec.repeats) as advance:
+        return single_stream(engine, prompt, output_len=spec.output_len, repeats=spec.repeats, warmup=spec.warmup,
+                             load_s=load_s, bandwidth_gbs=bandwidth, on_run=advance)
+
+
+def _load(engine, spec: BenchSpec, load_s: float, bandwidth: float | None, progress: bool) -> dict:
+    from ..engine import SamplingParams
+    from .load import run_load
+    from .single import peak_rss_bytes
+    from .workload import poisson_arrivals
+
+    prompts, out_lens = make_workload(spec, engine.tokenizer)
+    if spec.warmup:  # first calls pay one-time costs (allocations, kernel dispatch caches): not timed
+        engine.generate([prompts[0][:8]], SamplingParams(max_tokens=4, ignore_eos=True))
+    kwargs = {"concurrency": spec.concurrency} if spec.mode == "concurrency" else {
+        "arrivals": [0.0] * spec.num_prompts if math.isinf(spec.request_rate)
+        else poisson_arrivals(spec.num_prompts, spec.request_rate, spec.seed)}
+    with _progress(progress, f"{spec.mode} load", spec.num_prompts) as advance:
+        timings, duration, steps = run_load(engine, prompts, out_lens, on_finish=advance, **kwargs)
+    out = load_metrics(timings, duration, spec.slos or None)
+    # Per decode step the weights are read once for the whole batch: achieved weight bandwidth
+    # is weight bytes x steps/s (+ the KV read, at the mean context of the run).
+    mean_ctx = sum(len(p) for p in prompts) / len(prompts) + sum(out_lens) / len(out_lens) / 2
+    step_s = steps.decode_s / steps.decode_steps if steps.decode_steps else None
+    mean_batch = steps.decode_tokens / steps.decode_steps if steps.decode_steps else 0.0
+    bytes_per_step = engine.weight_bytes() + engine.kv_bytes_per_token() * mean_ctx * mean_batch
+    achieved = bytes_per_step / step_s / 1e9 if step_s else None
+    out.update(
+        mode=spec.mode, concurrency=spec.concurrency, request_rate=spec.request_rate, load_s=load_s,
+        prefill_tok_s=steps.prefill_tokens / steps.prefill_s if steps.prefill_s else None,
+        decode_tok_s=steps.decode_tokens / steps.decode_s if steps.decode_s else None,  # inside decode steps only
+        decode_steps=steps.decode_steps, mean_decode_batch=mean_batch,
+        weight_bytes=engine.weight_bytes(), kv_bytes_per_token=engine.kv_bytes_per_token(),
+        bandwidth_gbs=achieved, measured_bandwidth_gbs=bandwidth,
+        bandwidth_fraction=achieved / bandwidth if achieved and bandwidth else None,
+        peak_rss_bytes=peak_rss_bytes())
+    return out
+
+
+class _progress:
+    """A rich progress bar (on stderr) for a step of `total` units; a no-op when disabled."""
+
+    def __init__(self, enabled: bool, label: str, total: int):
+        self.enabled, self.label, self.total = enabled, label, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        self._bar = Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                             console=Console(stderr=True), transient=True)
+        self._bar.start()
+        task = self._bar.add_task(self.label, total=self.total)
+        return lambda: self._bar.advance(task)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self._bar.stop()
+
+
+def measure_bandwidth_subprocess(size_bytes: int = 1 << 30, timeout: float = 120) -> float | None:
+    """The machine's read bandwidth (GB/s) measured in a child process, so its 1 GiB buffer never counts
+    towards this process's peak RSS. None (with a warning) if the child fails."""
+    code = ("from quantship.bench.machine import measure_bandwidth as m; "
+            f"print(m({int(size_bytes)}))")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, check=True)
+        return float(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as e:
+        print(f"warning: bandwidth measurement failed ({e}); bandwidth fraction not reported", file=sys.stderr)
+        return None
+
+
+def _versions() -> dict:
+    from ..artifact import environment
+
+    env = environment()
+    return {k: env[k] for k in ("python", "torch", "transformers", "quantship", "git_commit", "platform")}
