@@ -1,0 +1,175 @@
+"""AWQ (Lin et al., 2023): activation-aware weight quantization.
+
+Input channels that see large activations matter most. For every group of linears fed by one
+foldable predecessor (architecture table), search s = mean|x|^a (a on a grid in [0, 1), a = 0
+being plain rounding), normalised to geometric mean 1, minimising the group's output error
+|| x W^T - (x / s) Q(W s)^T ||^2 on a sample of calibration inputs; fold s into the predecessor
+(its output divided by s, exact in float) and the linears' input columns (multiplied by s).
+Then a per-group clipping search shrinks each group's range to minimise that group's output
+error. The weights are finally rounded (`awq`, `awq+rtn`) or handed to GPTQ with the Hessian
+rescaled to the folded inputs, H' = H / (s s^T) (`awq+gptq`).
+
+Ours compares the linears' outputs, not the whole attention/MLP output the reference uses;
+groups whose predecessor cannot be folded exactly (GQA v_proj -> o_proj with fewer KV heads
+than heads; GPT-2's c_proj) get the clipping search only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..formats.grid import QuantizedWeight, group_view, quantize_weight
+from ..formats.scheme import Scheme
+from .gptq import GPTQParams, quantize_group_gptq
+from .registry import Method, register_method
+
+
+@dataclass(frozen=True)
+class AWQParams:
+    grid: int = 20  # exponents a = 0, 1/grid, ..., (grid-1)/grid
+    clip: bool = True  # per-group clipping search after scaling
+    clip_grid: int = 20  # clip ratios from 1.0 down to clip_min
+    clip_min: float = 0.5
+    sample_tokens: int = 1024  # calibration rows per input group used by the scale search
+    clip_tokens: int = 512  # of those, rows used by the clipping search
+    batch_size: int = 8  # calibration windows per block forward
+
+    def __post_init__(self) -> None:
+        if self.grid < 1 or self.clip_grid < 2 or not 0.0 < self.clip_min < 1.0:
+            raise ValueError("need grid >= 1, clip_grid >= 2 and 0 < clip_min < 1")
+        if self.sample_tokens < 1 or self.clip_tokens < 1 or self.batch_size < 1:
+            raise ValueError("sample_tokens, clip_tokens and batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class AWQGPTQParams(AWQParams):
+    clip: bool = False  # GPTQ's error feedback handles the range itself
+    percdamp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    max_damp_retries: int = 6
+
+    def gptq(self) -> GPTQParams:
+        return GPTQParams(percdamp=self.percdamp, block_size=self.block_size, act_order=self.act_order,
+                          max_damp_retries=self.max_damp_retries, batch_size=self.batch_size)
+
+
+def _fake_quant(scheme: Scheme, w: torch.Tensor, clip=1.0) -> torch.Tensor:
+    return quantize_weight(scheme, w, clip).dequantize()
+
+
+@torch.no_grad()
+def search_scale(w: torch.Tensor, x: torch.Tensor, x_abs_mean: torch.Tensor, scheme: Scheme,
+                 grid: int) -> tuple[torch.Tensor, float, list[float]]:
+    """Best input-channel scale s (in,) for weight w (out, in) on inputs x (T, in). -> (s, a, losses)."""
+    ref = x @ w.t()
+    best, best_s, best_a, losses = float("inf"), torch.ones_like(x_abs_mean), 0.0, []
+    for k in range(grid):
+        a = k / grid
+        s = x_abs_mean.clamp_min(1e-4).pow(a)
+        s = s / (s.max() * s.min()).sqrt()
+        out = (x / s) @ _fake_quant(scheme, w * s).t()
+        loss = (out - ref).pow(2).mean().item()
+        losses.append(loss)
+        if loss < best:
+            best, best_s, best_a = loss, s, a
+    return best_s, best_a, losses
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, x: torch.Tensor, scheme: Scheme, params: AWQParams) -> torch.Tensor:
+    """Per (row, group) clip ratio minimising that group's contribution to the output error."""
+    wg = group_view(w, scheme)  # (G0, G1, L)
+    if scheme.granularity == "tensor":
+        return torch.ones(1, 1)
+    xg = x.reshape(x.shape[0], wg.shape[1], wg.shape[2])  # (T, G1, L)
+    best_err = torch.full(wg.shape[:2], float("inf"))
+    best = torch.ones(wg.shape[:2])
+    for ratio in torch.linspace(1.0, params.clip_min, params.clip_grid).tolist():
+        dq = group_view(_fake_quant(scheme, w, ratio), scheme)
+        # per (row, group): sum over tokens of (sum over the group's inputs of (W - Q) x)^2
+        err = torch.einsum("ogl,tgl->ogt", wg - dq, xg).pow(2).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, ratio), best)
+    return best
+
+
+def _gqa_mismatch(block, group) -> bool:
+    """v_proj -> o_proj cannot be folded when o_proj's inputs are v_proj's outputs repeated per head group."""
+    from ..pipeline import linear_weight
+
+    if group.prev_kind != "linear":
+        return False
+    prev_out = linear_weight(block.get_submodule(group.prev)).shape[0]
+    return any(linear_weight(block.get_submodule(n)).shape[1] != prev_out for n in group.linears)
+
+
+def awq_block_solver(scheme: Scheme, params: AWQParams, report: dict, use_gptq: bool):
+    from ..pipeline import linear_weight
+    from .fold import fold_input_scale
+
+    def solve(ctx) -> dict[str, QuantizedWeight]:
+        chosen: dict[str, QuantizedWeight] = {}
+        for group in ctx.groups:
+            stats = ctx.stats[group]
+            x = stats.sample()
+            weights = [linear_weight(ctx.block.get_submodule(n)).float() for n in group]
+            scale_group = ctx.group_prev.get(group)
+            s = None
+            if scale_group is not None and tuple(scale_group.linears) == group \
+                    and not _gqa_mismatch(ctx.block, scale_group):
+                s, a, losses = search_scale(torch.cat(weights), x, stats.abs_mean(), scheme, params.grid)
+                fold_input_scale(ctx.block, scale_group, ctx.facts, s)
+                weights = [linear_weight(ctx.block.get_submodule(n)).float() for n in group]
+                x = x / s
+                report.setdefault("awq_exponent", {})[f"{ctx.prefix}:{group[0]}"] = a
+            else:
+                report.setdefault("awq_unscaled", []).append(f"{ctx.prefix}.{','.join(group)}")
+            names = [f"{ctx.prefix}.{n}" for n in group]
+            if use_gptq:
+                h = stats.mean_hessian()
+                if s is not None:
+                    h = h / torch.outer(s, s)
+                qws = quantize_group_gptq(weights, h, scheme, params.gptq(), names, report)
+            else:
+                xc = x[:: max(1, x.shape[0] // params.clip_tokens)][: params.clip_tokens]
+                qws = [quantize_weight(scheme, w, search_clip(w, xc, scheme, params) if params.clip else 1.0)
+                       for w in weights]
+            chosen.update(zip(group, qws))
+        return chosen
+
+    return solve
+
+
+def _runner(use_gptq: bool):
+    def run(model, targets, scheme: Scheme, params: AWQParams, calib, *, progress: bool = True,
+            report: dict | None = None):
+        from .layerwise import run_layerwise_with_leftovers
+
+        report = report if report is not None else {}
+        name = "awq+gptq" if use_gptq else "awq"
+        return run_layerwise_with_leftovers(
+            model, targets, calib, awq_block_solver(scheme, params, report, use_gptq), scheme=scheme,
+            batch_size=params.batch_size, want_hessian=use_gptq, sample_tokens=params.sample_tokens,
+            progress=progress, report=report, desc=f"{name} {scheme.name}")
+    return run
+
+
+def _supports_rtn(scheme: Scheme) -> bool:
+    return scheme.act_bits is None
+
+
+def _supports_gptq(scheme: Scheme) -> bool:
+    return scheme.act_bits is None and scheme.kind in ("int", "nf4")
+
+
+for _name, _params, _gptq, _doc in (
+    ("awq", AWQParams, False, "AWQ activation-aware scaling + clipping, then round to nearest (= awq+rtn)"),
+    ("awq+rtn", AWQParams, False, "AWQ activation-aware scaling + clipping, then round to nearest"),
+    ("awq+gptq", AWQGPTQParams, True, "AWQ activation-aware scaling, then GPTQ on the scaled weights"),
+):
+    register_method(Method(name=_name, params_cls=_params, needs_calibration=True, run=_runner(_gptq),
+                           supports=_supports_gptq if _gptq else _supports_rtn, description=_doc))

@@ -1,0 +1,275 @@
+"""Layer-by-layer calibration: capture block i's inputs, measure its linears' inputs, quantize
+the block, re-run it with the quantized weights to make block i+1's inputs (as the reference
+GPTQ does), so errors of earlier blocks are seen by later ones.
+
+Memory stays near the model plus one copy of the calibration hidden states (replaced in place
+block by block) plus per-group statistics. Block call arguments (masks, rotary embeddings) are
+captured per block from one real forward, because some families (Gemma 3) give different
+blocks different masks and position embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..formats.grid import QuantizedWeight
+from ..models.arch import ArchFacts
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the inputs it needs are captured: the rest of the model is not run."""
+
+
+@dataclass
+class InputStats:
+    """Running statistics of the input shared by one group of linears.
+
+    hessian: sum of x x^T / tokens (in, in), float32 accumulation (GPTQ's H up to a constant);
+    abs_mean: mean |x| per input channel (AWQ's activation salience);
+    abs_max: max |x| per input channel (SmoothQuant);
+    sample: up to `sample_tokens` rows of x taken at a fixed stride from every batch (AWQ's search)."""
+
+    in_features: int
+    want_hessian: bool = True
+    sample_per_batch: int = 0
+    tokens: int = 0
+    hessian: torch.Tensor | None = None
+    abs_sum: torch.Tensor | None = None
+    abs_max: torch.Tensor | None = None
+    samples: list = field(default_factory=list)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.hessian is None:
+            self.abs_sum = torch.zeros(self.in_features, dtype=torch.float64)
+            self.abs_max = torch.zeros(self.in_features)
+            if self.want_hessian:
+                self.hessian = torch.zeros(self.in_features, self.in_features)
+        if self.want_hessian:
+            self.hessian.addmm_(x.t(), x)
+        ax = x.abs()
+        self.abs_sum += ax.sum(0, dtype=torch.float64)
+        torch.maximum(self.abs_max, ax.amax(0), out=self.abs_max)
+        if self.sample_per_batch:
+            step = max(1, x.shape[0] // self.sample_per_batch)
+            self.samples.append(x[::step][: self.sample_per_batch].clone())
+        self.tokens += x.shape[0]
+
+    def mean_hessian(self) -> torch.Tensor:
+        if self.hessian is None or not self.tokens:
+            raise RuntimeError("no calibration input reached this layer group")
+        return self.hessian / self.tokens
+
+    def abs_mean(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.tokens, 1)).float()
+
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.samples) if self.samples else torch.empty(0, self.in_features)
+
+
+@dataclass
+class BlockContext:
+    """What a method's block solver gets: the block, its input groups and their statistics."""
+
+    index: int
+    prefix: str  # e.g. "model.layers.3"
+    block: nn.Module
+    groups: list[tuple[str, ...]]  # relative names of linears sharing one input, forward order
+    stats: dict[tuple[str, ...], InputStats]
+    facts: ArchFacts
+    group_prev: dict[tuple[str, ...], object]  # group -> ScaleGroup (foldable predecessor) when known
+    run_block: Callable[[], list[torch.Tensor]] = None  # float outputs of this block for the captured inputs
+
+
+# solve(ctx) -> {relative linear name: QuantizedWeight}; may rescale the block's float weights first.
+BlockSolver = Callable[[BlockContext], dict[str, QuantizedWeight]]
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def _first_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, batch_size: int):
+    """-> (hidden states of block 0 per batch, {batch size: [(args, kwargs) per block]}).
+
+    One full forward per distinct batch size records every block's extra arguments; every other
+    batch stops at block 0."""
+    hidden: list[torch.Tensor] = []
+    calls_by_size: dict[int, list] = {}
+    for start in range(0, tokens.shape[0], batch_size):
+        batch = tokens[start: start + batch_size]
+        size = batch.shape[0]
+        record_all = size not in calls_by_size
+        calls: list = [None] * len(blocks)
+
+        def make_hook(i: int):
+            def hook(module, args, kwargs):
+                kw = dict(kwargs)  # the running forward still needs its own kwargs untouched
+                h = args[0] if args else kw.pop("hidden_states")
+                if i == 0:
+                    hidden.append(h.detach().clone())
+                calls[i] = (tuple(args[1:]), kw)
+                if not record_all or i == len(blocks) - 1:
+                    raise _StopForward
+            return hook
+
+        watched = blocks if record_all else blocks[:1]
+        handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(watched)]
+        try:
+            model(input_ids=batch, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        if record_all:
+            calls_by_size[size] = calls
+    return hidden, calls_by_size
+
+
+def input_groups(facts: ArchFacts, block_targets: list[str]) -> tuple[list[tuple[str, ...]], dict]:
+    """Group a block's target linears by shared input using the architecture table; others alone."""
+    remaining = list(block_targets)
+    groups, prev = [], {}
+    for g in facts.groups:
+        members = tuple(n for n in g.linears if n in remaining)
+        if members:
+            groups.append(members)
+            prev[members] = g
+            remaining = [n for n in remaining if n not in members]
+    groups.extend((n,) for n in remaining)
+    return groups, prev
+
+
+def run_layerwise(model: nn.Module, facts: ArchFacts, targets: dict[str, nn.Module], tokens: torch.Tensor,
+                  solve: BlockSolver, *, batch_size: int = 8, want_hessian: bool = True, sample_tokens: int = 0,
+                  progress: bool = True, report: dict | None = None, desc: str = "quantize") -> dict[str, QuantizedWeight]:
+    """Run `solve` block by block on calibration `tokens` (n, seqlen); returns {target name: weight}."""
+    blocks = model.get_submodule(facts.blocks)
+    started = time.perf_counter()
+    hidden, calls_by_size = capture_block_inputs(model, blocks, tokens, batch_size)
+    n_batches = len(hidden)
+    per_batch = math.ceil(sample_tokens / n_batches) if sample_tokens else 0
+    chosen: dict[str, QuantizedWeight] = {}
+    per_block: list[dict] = []
+    bar = tqdm(range(len(blocks)), desc=f"{desc} (block by block)", unit="block", disable=not progress)
+    for i in bar:
+        t0 = time.perf_counter()
+        block = blocks[i]
+        prefix = f"{facts.blocks}.{i}"
+        rel_targets = [n[len(prefix) + 1:] for n in targets if n.startswith(prefix + ".")]
+        calls = [calls_by_size[h.shape[0]][i] for h in hidden]
+
+        def run_block(blk=block, calls=calls) -> list[torch.Tensor]:
+            return [_first_output(blk(h, *c[0], **c[1])) for h, c in zip(hidden, calls)]
+
+        if rel_targets:
+            groups, prev = input_groups(facts, rel_targets)
+            stats = {g: InputStats(_in_features(block.get_submodule(g[0])), want_hessian, per_batch) for g in groups}
+            handles = [block.get_submodule(g[0]).register_forward_pre_hook(
+                lambda m, args, s=stats[g]: s.add(args[0])) for g in groups]
+            try:
+                with torch.no_grad():
+                    run_block()
+            finally:
+                for h in handles:
+                    h.remove()
+            t_stats = time.perf_counter()
+            ctx = BlockContext(i, prefix, block, groups, stats, facts, prev, run_block)
+            solved = solve(ctx)
+            del stats, ctx
+            for rel, qw in solved.items():
+                _load_dequantized(block.get_submodule(rel), qw)
+                chosen[f"{prefix}.{rel}"] = qw
+            t_solve = time.perf_counter()
+        with torch.no_grad():
+            outs = run_block()
+        for k, out in enumerate(outs):  # in place: block i's outputs are block i+1's inputs
+            hidden[k] = out
+        t_end = time.perf_counter()
+        phases = {"stats_s": round(t_stats - t0, 3), "solve_s": round(t_solve - t_stats, 3),
+                  "forward_s": round(t_end - t_solve, 3)} if rel_targets else {}
+        per_block.append({"block": i, "seconds": round(t_end - t0, 3), **phases, "rss_bytes": rss_bytes()})
+        bar.set_postfix(rss=f"{rss_bytes() / 2**20:.0f}MiB")
+    if report is not None:
+        report["layerwise"] = {
+            "blocks": per_block,
+            "batch_size": batch_size,
+            "calibration_tokens": int(tokens.numel()),
+            "seconds": round(time.perf_counter() - started, 3),
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
+    return chosen
+
+
+def _in_features(module: nn.Module) -> int:
+    return module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.weight.shape[1]
+
+
+@torch.no_grad()
+def _load_dequantized(module: nn.Module, qw: QuantizedWeight) -> None:
+    """Put the quantized values into the float module so the block's re-run sees them."""
+    w = qw.dequantize()
+    if type(module).__name__ == "Conv1D":
+        w = w.t()
+    module.weight.copy_(w.to(module.weight.dtype))
+
+
+def split_rows(qw: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
+    """Undo a row-wise concatenation of linears quantized together (rows are independent)."""
+    out, start = [], 0
+    for size in sizes:
+        rows = slice(start, start + size)
+        out.append(QuantizedWeight(qw.scheme, qw.codes[rows].contiguous(), qw.scale[rows].contiguous(),
+                                   qw.offset[rows].contiguous() if qw.offset is not None else None))
+        start += size
+    return out
+
+
+def run_layerwise_with_leftovers(model: nn.Module, targets: dict[str, nn.Module], calib, solve: BlockSolver, *,
+                                 scheme, batch_size: int, want_hessian: bool = True, sample_tokens: int = 0,
+                                 progress: bool = True, report: dict | None = None,
+                                 desc: str = "quantize") -> dict[str, QuantizedWeight]:
+    """run_layerwise over the decoder blocks; targets outside them (lm_head with --quantize-head)
+    are rounded to nearest, and the report says so."""
+    from ..formats.grid import quantize_weight
+    from ..models.arch import arch_facts
+    from ..pipeline import linear_weight
+
+    facts = arch_facts(model.config.model_type)
+    tokens = calib.tokens if hasattr(calib, "tokens") else torch.as_tensor(calib)
+    in_blocks = {n: m for n, m in targets.items() if n.startswith(facts.blocks + ".")}
+    chosen = run_layerwise(model, facts, in_blocks, tokens, solve, batch_size=batch_size, want_hessian=want_hessian,
+                           sample_tokens=sample_tokens, progress=progress, report=report, desc=desc)
+    outside = [n for n in targets if n not in in_blocks]
+    for name in outside:
+        chosen[name] = quantize_weight(scheme, linear_weight(targets[name]))
+    if outside and report is not None:
+        report["rtn_outside_blocks"] = outside
+    return chosen

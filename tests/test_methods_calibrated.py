@@ -1,0 +1,219 @@
+"""Calibrated methods (GPTQ, AWQ, AWQ+GPTQ), the layer-by-layer pipeline and calibration data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import quantship
+from quantship.artifact import read_manifest
+from quantship.calib import allocate, build_calibration
+from quantship.calib.overlap import find_overlap
+from quantship.calib.sources import parse_source_spec
+from quantship.cli import main as cli_main
+from quantship.formats.grid import quantize_weight
+from quantship.formats.scheme import parse_scheme
+from quantship.methods.gptq import (CholeskyFailed, GPTQParams, gptq_quantize, inverse_hessian_factor,
+                                    layer_output_error, quantize_group_gptq)
+from quantship.specs import QuantSpec
+
+from conftest import build_tiny_model
+
+QUIET = dict(progress=False, log=lambda *a, **k: None)
+
+
+def correlated_inputs(n=2048, d=128, seed=0):
+    """Inputs with correlated channels and a few outlier channels, like LLM activations."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d ** 0.5 + torch.eye(d)
+    x = torch.randn(n, d, generator=g) @ mix
+    x[:, :3] *= 8.0
+    return x
+
+
+@pytest.mark.parametrize("scheme", ["w4", "w4g32", "w3g64-asym", "w2g32", "nf4g32", "w8"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_layer_output_error_below_rtn(scheme, act_order):
+    x = correlated_inputs()
+    h = x.t() @ x / x.shape[0]
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(1)) * 0.05
+    sc = parse_scheme(scheme)
+    qw, info = gptq_quantize(w, h, sc, GPTQParams(act_order=act_order))
+    e_gptq, e_rtn = layer_output_error(w, qw, h), layer_output_error(w, quantize_weight(sc, w), h)
+    assert e_gptq < 0.9 * e_rtn, (e_gptq, e_rtn)
+    assert qw.codes.shape == w.shape and qw.scale.shape == quantize_weight(sc, w).scale.shape
+    assert torch.isfinite(qw.dequantize()).all() and info["retries"] == 0
+
+
+@pytest.mark.parametrize("scheme", ["w4", "w4g32", "w3g32-asym"])
+def test_gptq_with_identity_hessian_is_round_to_nearest(scheme):
+    # Uncorrelated unit inputs: no error is fed forward, so GPTQ must pick exactly RTN's codes.
+    w = torch.randn(40, 64, generator=torch.Generator().manual_seed(2))
+    sc = parse_scheme(scheme)
+    qw, _ = gptq_quantize(w, torch.eye(64), sc, GPTQParams(percdamp=0.0))
+    ref = quantize_weight(sc, w)
+    assert torch.equal(qw.codes, ref.codes) and torch.equal(qw.scale, ref.scale)
+
+
+def test_gptq_act_order_keeps_the_plain_group_layout():
+    x = correlated_inputs(d=64)
+    h = x.t() @ x / x.shape[0]
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
+    sc = parse_scheme("w4g32")
+    qw, _ = gptq_quantize(w, h, sc, GPTQParams(act_order=True))
+    # static groups: each group's scale comes from the original columns of that group
+    assert torch.equal(qw.scale, quantize_weight(sc, w).scale)
+    # and the codes decode in place, column i of the matrix is column i of the weight
+    assert (qw.dequantize() - w).abs().max() <= qw.scale.abs().max() * 8
+
+
+def test_non_positive_definite_hessian_gets_more_dampening():
+    upper, damp, retries = inverse_hessian_factor(-torch.eye(16), 0.01, 6)
+    assert retries > 0 and damp > 1.0 and torch.isfinite(upper).all()
+    w = torch.randn(8, 16)
+    qw, info = gptq_quantize(w, -torch.eye(16), parse_scheme("w4"), GPTQParams())
+    assert info["retries"] > 0 and torch.isfinite(qw.dequantize()).all()
+
+
+def test_hessian_that_never_factors_falls_back_to_rtn_and_is_reported():
+    bad = torch.full((16, 16), float("nan"))
+    with pytest.raises(CholeskyFailed):
+        inverse_hessian_factor(bad, 0.01, 2)
+    report: dict = {}
+    w = torch.randn(8, 16)
+    (qw,) = quantize_group_gptq([w], bad, parse_scheme("w4"), GPTQParams(max_damp_retries=1), ["layer"], report)
+    assert report["gptq_rtn_fallback"] == ["layer"]
+    assert torch.equal(qw.codes, quantize_weight(parse_scheme("w4"), w).codes)
+
+
+def test_stacked_linears_equal_separate_gptq():
+    # q/k/v share a Hessian and are solved as one row-stacked matrix: rows are independent.
+    x = correlated_inputs(d=64)
+    h = x.t() @ x / x.shape[0]
+    ws = [torch.randn(n, 64, generator=torch.Generator().manual_seed(n)) for n in (16, 8)]
+    sc = parse_scheme("w4g32")
+    stacked = quantize_group_gptq(ws, h, sc, GPTQParams(), ["a", "b"], {})
+    for w, qw in zip(ws, stacked):
+        alone, _ = gptq_quantize(w, h, sc, GPTQParams())
+        assert torch.equal(qw.codes, alone.codes) and torch.allclose(qw.scale, alone.scale)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "awq+gptq"])
+def test_calibrated_methods_end_to_end(tiny_models, tmp_path, arch, method):
+    src = tiny_models[arch]
+    out = quantship.quantize(src, "w4g32", method=method, out=tmp_path / "q", calib_samples=8, calib_seqlen=32, **QUIET)
+    manifest = quantship.verify(out)  # raises on any problem
+    assert manifest["method"]["name"] == method
+    calib = manifest["calibration"]
+    assert calib["samples"] == 8 and calib["seqlen"] == 32 and len(calib["sha256"]) == 64
+    model, tok = quantship.load(out)
+    ids = tok("def add(a, b):", return_tensors="pt")["input_ids"]
+    gen = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert gen.shape[1] == ids.shape[1] + 5
+    rtn = quantship.quantize(src, "w4g32", method="rtn", out=tmp_path / "r", **QUIET)
+    kld = quantship.evaluate(src, out, ctx=64, max_windows=4, **QUIET)["kld"]["mean"]
+    kld_rtn = quantship.evaluate(src, rtn, ctx=64, max_windows=4, **QUIET)["kld"]["mean"]
+    assert 0 <= kld < 1.5 * kld_rtn + 1e-6, (kld, kld_rtn)
+
+
+def test_layerwise_report_has_per_block_time_and_rss(tiny_models):
+    result = quantship.quantize(tiny_models["llama"], "w4g32", method="gptq", calib_samples=4, calib_seqlen=32, **QUIET)
+    lw = result.extra["layerwise"]
+    assert [b["block"] for b in lw["blocks"]] == [0, 1]
+    assert all(b["seconds"] >= 0 and b["rss_bytes"] > 0 for b in lw["blocks"]) and lw["peak_rss_bytes"] > 0
+
+
+def test_gptq_artifact_is_byte_identical_for_same_seed(tiny_models, tmp_path):
+    kw = dict(method="gptq", calib_samples=6, calib_seqlen=32, seed=3, **QUIET)
+    a = quantship.quantize(tiny_models["qwen2"], "w4g32", out=tmp_path / "a", **kw)
+    b = quantship.quantize(tiny_models["qwen2"], "w4g32", out=tmp_path / "b", **kw)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert read_manifest(a)["calibration"]["sha256"] == read_manifest(b)["calibration"]["sha256"]
+
+
+def test_unknown_architecture_error_names_the_table():
+    model, tok = build_tiny_model("llama")
+    model.config.model_type = "mystery"
+    from quantship.pipeline import quantize_model
+
+    with pytest.raises(ValueError, match="ARCHITECTURES in quantship/models/arch.py"):
+        quantize_model(model, tok, QuantSpec(scheme="w4g32", method="gptq"), source=None, progress=False,
+                       calib=torch.zeros(2, 16, dtype=torch.long))
+
+
+def test_invalid_method_scheme_combination_is_rejected(tiny_models):
+    with pytest.raises(ValueError, match="does not support scheme"):
+        quantship.quantize(tiny_models["llama"], "fp8", method="gptq", calib_samples=2, calib_seqlen=16, **QUIET)
+
+
+# --- calibration data -------------------------------------------------------------------------
+
+def _spec(**kw):
+    return QuantSpec(scheme="w4", method="gptq", **{"calib_samples": 6, "calib_seqlen": 32, **kw})
+
+
+def test_calibration_is_deterministic_and_hashed():
+    model, tok = build_tiny_model("llama")
+    a, b = build_calibration(_spec(), model, tok), build_calibration(_spec(), model, tok)
+    assert torch.equal(a.tokens, b.tokens) and a.info["sha256"] == b.info["sha256"]
+    c = build_calibration(_spec(seed=1), model, tok)
+    assert c.info["sha256"] != a.info["sha256"]
+    assert a.tokens.shape == (6, 32)
+    assert {s["name"] for s in a.info["sources"]} == {"news", "code"}
+    assert all(len(s["sha256"]) == 64 for s in a.info["sources"])
+
+
+def test_calibration_mixture_weights_and_user_files(tmp_path):
+    model, tok = build_tiny_model("llama")
+    text = tmp_path / "mine.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    prompts = tmp_path / "chat.jsonl"
+    prompts.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": "hello there " * 30}]})
+                                 for _ in range(3)) + "\n" + json.dumps({"prompt": "def f(x): return x " * 20}) + "\n")
+    cs = build_calibration(_spec(calib=f"news:0.5,{text}:0.25,{prompts}:0.25", calib_samples=8), model, tok)
+    assert [s["samples"] for s in cs.info["sources"]] == [4, 2, 2]
+    assert allocate(10, [0.7, 0.3]) == [7, 3] and sum(allocate(7, [1 / 3] * 3)) == 7
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("news:abc", "not a number"),
+    ("news:0", "positive"),
+    ("news,news", "twice"),
+    ("news,,code", "empty item"),
+    ("no/such/file.txt", "nor an existing file"),
+])
+def test_bad_calibration_specs_get_clear_errors(spec, message):
+    model, tok = build_tiny_model("llama")
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        parse_source_spec(spec) and build_calibration(_spec(calib=spec), model, tok)
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{not json}\n')
+    model, tok = build_tiny_model("llama")
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        build_calibration(_spec(calib=str(bad)), model, tok)
+
+
+def test_overlap_found_when_eval_windows_contain_calibration_text():
+    model, tok = build_tiny_model("llama")
+    cs = build_calibration(_spec(calib_seqlen=128, calib_samples=2), model, tok)
+    inside = cs.tokens[1:2, 10:110]  # a 100-token run of a calibration window
+    assert "1 of 2" in find_overlap(cs.info, torch.cat([torch.arange(100).unsqueeze(0) + 5000, inside]))
+    assert find_overlap(cs.info, torch.arange(200).unsqueeze(0) + 5000) == ""
+
+
+def test_eval_warns_when_candidate_was_calibrated_on_the_eval_text(tiny_models, tmp_path, capsys):
+    text = tmp_path / "same.txt"
+    text.write_text(" ".join(f"word{i % 5}" for i in range(3000)))  # periodic: every run recurs in every window
+    out = tmp_path / "gptq"
+    assert cli_main(["quantize", str(tiny_models["llama"]), "--scheme", "w4g32", "--method", "gptq", "-o", str(out),
+                     "--calib", str(text), "--calib-samples", "4", "--calib-seqlen", "64"]) == 0
+    capsys.readouterr()
+    assert cli_main(["eval", str(tiny_models["llama"]), str(out), "--text", str(text), "--ctx", "64",
+                     "--max-windows", "8"]) == 0
+    assert "WARNING" in capsys.readouterr().err
