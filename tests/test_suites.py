@@ -196,6 +196,50 @@ def test_generate_stops_at_stop_string(pair):
     assert cut == full[: full.index(stop)]
 
 
+def test_plan_batches_row_and_token_budgets():
+    from quantship.evaluate.generate import plan_batches
+
+    lengths = [900, 10, 400, 12, 1900, 11, 410, 950, 1950]
+    batches = plan_batches(lengths, batch_size=2, max_batch_tokens=4000)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # every item exactly once
+    assert all(len(b) <= 2 and len(b) * max(lengths[i] for i in b) <= 4000 for b in batches)
+    assert [[lengths[i] for i in b] for b in batches] == [[10, 11], [12, 400], [410, 900], [950, 1900], [1950]]
+    assert plan_batches([5000], batch_size=8, max_batch_tokens=100) == [[0]]  # too long: alone, never dropped
+    assert plan_batches([], batch_size=8, max_batch_tokens=100) == []
+
+
+def test_code_outputs_stop_after_first_complete_block():
+    from quantship.evaluate.checkers.programs import end_of_first_code_block, extract_code
+    from quantship.evaluate.generate import finish_output
+
+    full = "Here:\n```python\ndef f(x):\n    return x\n```\nExplanation...\n```python\nprint(1)\n```"
+    cut = finish_output(full, (), code_block=True)
+    assert cut == "Here:\n```python\ndef f(x):\n    return x\n```"
+    assert extract_code(cut) == extract_code(full)
+    assert finish_output(full, (), code_block=False) == full
+    assert end_of_first_code_block("```python\nopen block") is None
+    assert end_of_first_code_block("```bash\nls\n```") is None  # not a python fence: the checker ignores it too
+    # every prefix that already holds the first complete block gives the checker the same code
+    for n in range(len(full) + 1):
+        if end_of_first_code_block(full[:n]) is not None:
+            assert extract_code(finish_output(full[:n], (), True)) == extract_code(full)
+
+
+def test_generate_rows_with_different_limits_and_code_stop(pair):
+    """Rows of one batch stop at their own max_tokens; a code item's output ends at its block."""
+    from quantship.evaluate.generate import _StopOnStrings
+
+    (model, tok), _ = pair
+    items = [Item(id=str(i), checker="qa", prompt="The quick brown fox", answers=("x",), max_tokens=m)
+             for i, m in enumerate((3, 12))]
+    together = generate(model, tok, items, batch_size=2, progress=False)
+    alone = [generate(model, tok, [it], batch_size=1, progress=False)[0] for it in items]
+    assert together == alone
+    ids = torch.zeros((2, 7), dtype=torch.long)
+    stopper = _StopOnStrings(tok, 4, [(), ()], [False, False], [3, 5])
+    assert stopper(ids, None).tolist() == [True, False]  # 3 new tokens: row 0 is at its limit
+
+
 # ----------------------------------------------------------------------------- run_suites
 
 def test_run_suites_end_to_end(pair, tmp_path):

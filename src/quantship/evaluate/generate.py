@@ -4,9 +4,15 @@ Prompt rendering: when the tokenizer has a chat template and the item is not `ra
 messages (or its prompt as one user message) go through `apply_chat_template(...,
 add_generation_prompt=True)`; otherwise the prompt is used as is (messages joined by blank
 lines). Decoding is greedy (do_sample=False), at most `item.max_tokens` new tokens, stopped at
-EOS or at the first of `item.stop` (the stop string is cut from the output). Items are
-batched, left-padded, sorted by prompt length so batches pad little; outputs come back in
-input order.
+EOS or at the first of `item.stop` (the stop string is cut from the output). A `code` item also
+stops once its output holds a complete fenced code block (the checker runs only the first block,
+so nothing after it can change the result); the output is cut just after that block's closing
+fence.
+
+Batching: items are sorted by prompt length and packed into left-padded batches of at most
+`batch_size` rows and `max_batch_tokens` padded prompt tokens (long prompts go in small batches,
+short ones in large ones: a decode step reads all weights once, whatever the batch size, so large
+batches of short prompts are nearly free on CPU). Outputs come back in input order.
 """
 
 from __future__ import annotations
@@ -17,7 +23,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .checkers.programs import end_of_first_code_block
 from .suites import Item
+
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_MAX_BATCH_TOKENS = 8192  # rows x padded prompt length per batch
 
 
 def render_prompt(tokenizer, item: Item) -> tuple[str, bool, tuple[str, ...]]:
@@ -48,19 +58,54 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
-class _StopOnStrings(StoppingCriteria):
-    """Per-row stop: a row is done once its new text contains one of its stop strings."""
+def stops_after_code_block(item: Item) -> bool:
+    """Whether generation for this item may stop after the first complete fenced code block."""
+    return item.checker == "code"
 
-    def __init__(self, tokenizer, prompt_len: int, stops: list[tuple[str, ...]]):
+
+def finish_output(text: str, stops: Sequence[str], code_block: bool) -> str:
+    """The output as checked: cut at the first stop string, and after the first code block."""
+    text = cut_at_stop(text, stops)
+    if code_block:
+        end = end_of_first_code_block(text)
+        if end is not None:
+            text = text[:end]
+    return text
+
+
+class _StopOnStrings(StoppingCriteria):
+    """Per-row stop: a row is done once its new text contains one of its stop strings (or, for
+    rows flagged `code_block`, a complete fenced code block)."""
+
+    def __init__(self, tokenizer, prompt_len: int, stops: list[tuple[str, ...]], code_block: list[bool] | None = None,
+                 max_tokens: list[int] | None = None):
         self.tokenizer, self.prompt_len, self.stops = tokenizer, prompt_len, stops
+        self.code_block = code_block or [False] * len(stops)
+        self.max_tokens = max_tokens  # per row: done once it has this many new tokens (rows of one batch may differ)
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for row, stops in enumerate(self.stops):
-            if stops:
+        n_new = input_ids.shape[1] - self.prompt_len
+        for row, (stops, block) in enumerate(zip(self.stops, self.code_block)):
+            if self.max_tokens is not None and n_new >= self.max_tokens[row]:
+                done[row] = True
+            elif stops or block:
                 text = self.tokenizer.decode(input_ids[row, self.prompt_len:], skip_special_tokens=True)
-                done[row] = any(s in text for s in stops)
+                done[row] = any(s in text for s in stops) or (block and end_of_first_code_block(text) is not None)
         return done
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches: sorted by length, each batch at most `batch_size` rows and
+    rows x (longest prompt in it) <= `max_batch_tokens` (a longer prompt goes alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    for i in order:  # ascending: the newcomer is the widest row of the batch
+        if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * lengths[i] <= max_batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def _pad_id(tokenizer, model) -> int:
@@ -75,22 +120,23 @@ def _pad_id(tokenizer, model) -> int:
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, items: Sequence[Item], *, batch_size: int = 8, progress: bool = True,
+def generate(model, tokenizer, items: Sequence[Item], *, batch_size: int = DEFAULT_BATCH_SIZE,
+             max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, progress: bool = True,
              desc: str = "generate") -> list[str]:
     """Greedy outputs, one string per item, in item order."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size < 1 or max_batch_tokens < 1:
+        raise ValueError(f"batch_size and max_batch_tokens must be >= 1, got {batch_size} and {max_batch_tokens}")
     rendered = [render_prompt(tokenizer, it) for it in items]
     encoded = [tokenizer(text, add_special_tokens=special)["input_ids"] for text, special, _ in rendered]
     item_stops = [stops for _, _, stops in rendered]
-    order = sorted(range(len(items)), key=lambda i: len(encoded[i]))
+    code_block = [stops_after_code_block(it) for it in items]
     pad_id = _pad_id(tokenizer, model)
     eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
+    eos_ids = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
     device = next(model.parameters()).device
     outputs: list[str] = [""] * len(items)
     bar = tqdm(total=len(items), desc=desc, disable=not progress, unit="item")
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in plan_batches([len(e) for e in encoded], batch_size, max_batch_tokens):
         width = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -99,22 +145,21 @@ def generate(model, tokenizer, items: Sequence[Item], *, batch_size: int = 8, pr
             ids[row, width - n :] = torch.tensor(encoded[i], dtype=torch.long)
             mask[row, width - n :] = 1
         max_new = max(items[i].max_tokens for i in idx)
-        stops = [item_stops[i] for i in idx]
+        stopper = _StopOnStrings(tokenizer, width, [item_stops[i] for i in idx], [code_block[i] for i in idx],
+                                 [items[i].max_tokens for i in idx])
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, max_new_tokens=max_new,
             pad_token_id=pad_id, eos_token_id=eos, temperature=None, top_p=None, top_k=None,
-            stopping_criteria=StoppingCriteriaList([_StopOnStrings(tokenizer, width, stops)]),
+            stopping_criteria=StoppingCriteriaList([stopper]),
         )
         for row, i in enumerate(idx):
             new = out[row, width : width + items[i].max_tokens].tolist()
-            if eos is not None:
-                eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
-                for k, tok in enumerate(new):
-                    if tok in eos_ids:
-                        new = new[:k]
-                        break
+            for k, tok in enumerate(new):
+                if tok in eos_ids:
+                    new = new[:k]
+                    break
             text = tokenizer.decode(new, skip_special_tokens=True)
-            outputs[i] = cut_at_stop(text, item_stops[i])
+            outputs[i] = finish_output(text, item_stops[i], code_block[i])
         bar.update(len(idx))
     bar.close()
     return outputs

@@ -22,7 +22,7 @@ import torch
 
 from ..fsutil import atomic_write_text, canonical_json
 from .checkers import CheckResult, check
-from .generate import generate
+from .generate import DEFAULT_BATCH_SIZE, generate
 from .stats import Calibration, ECEAccumulator, flip_counts, mcnemar_exact, paired_bootstrap_ci
 from .suites import (GENERATION_SUITES, SCORING_SUITES, Item, Suite, SuiteContext, load_jsonl, load_suite,
                      multilingual_texts, score_slices)
@@ -151,7 +151,8 @@ def run_suites(baseline, candidate, suites: list[str], *, suite_files=(), full: 
     progress = True
     results: dict[str, Any] = {}
     for suite in _resolve(suites, suite_files, full, ctx, limit):
-        result, records = _run_suite(suite, baseline, candidate, seed=seed, batch_size=8, progress=progress)
+        result, records = _run_suite(suite, baseline, candidate, seed=seed, batch_size=DEFAULT_BATCH_SIZE,
+                                     progress=progress)
         results[suite.name] = result
         if out_dir is not None:
             lines = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)

@@ -19,12 +19,24 @@ from .base import CheckResult, attr, register_checker
 from .sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, run_python
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.S | re.I)
+_CLOSED_FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n.*?```", re.S | re.I)
 
 
 def extract_code(output: str) -> str:
     """The first fenced code block if there is one, else the output as is."""
     m = _FENCE.search(output)
     return m.group(1) if m else output
+
+
+def end_of_first_code_block(text: str) -> int | None:
+    """Index just past the closing fence of the first complete code block, None if there is none.
+
+    `extract_code` reads only the first block, so text after this index never changes what the
+    `code` checker runs: generation may stop here (the first complete match in a growing text is
+    the first match of any longer text with the same start).
+    """
+    m = _CLOSED_FENCE.search(text)
+    return m.end() if m else None
 
 
 def build_program(output: str, item) -> str:
