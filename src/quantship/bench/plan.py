@@ -420,3 +420,32 @@ def render_plan(p: Plan):
                else "[red]does not fit: not one sequence[/red]")
     table.add_row(verdict, "", f"batch-1 max ctx {p.max_ctx_batch1:,}")
     return table
+
+
+# ----- what a running process holds -------------------------------------------------------------
+# The framework's own resident memory before any model is loaded: Python + torch 2.13 (CPU) +
+# transformers 5 + tokenizers, measured on this machine as ru_maxrss right after the imports
+# (benchmarks/plan_vs_rss.py records it per run). On a GPU the analogue is the CUDA context.
+CPU_RUNTIME_BYTES = 400 * 2**20
+
+
+def predicted_peak_bytes(p: Plan, *, batch: int, prefill_tokens: int | None = None, engine_head_int8: bool = False,
+                         runtime_bytes: int = CPU_RUNTIME_BYTES) -> dict[str, int]:
+    """Peak resident bytes of a process serving `batch` sequences of p.ctx tokens with this plan:
+    weights + KV(batch x ctx) + the step's activations (one prefill of `prefill_tokens`, default ctx)
+    + the runtime itself. engine_head_int8: quantship's engine keeps an int8 copy of a float lm_head."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    shape = p.shape
+    head = 0
+    if engine_head_int8:
+        head = linear_weight_bits("w8", shape.vocab_size, shape.embed_dim or shape.hidden_size) // 8
+    out = {
+        "weights": p.total_weight_bytes + head,
+        "kv": batch * p.ctx * p.kv_bytes_per_token,
+        "activations": activation_bytes(shape, prefill_tokens=prefill_tokens or p.ctx, batch=batch,
+                                        act_bytes=FLOAT_BYTES.get(p.scheme.lower(), 2)),
+        "runtime": runtime_bytes,
+    }
+    out["total"] = sum(out.values())
+    return out
