@@ -217,3 +217,28 @@ def test_eval_warns_when_candidate_was_calibrated_on_the_eval_text(tiny_models, 
     assert cli_main(["eval", str(tiny_models["llama"]), str(out), "--text", str(text), "--ctx", "64",
                      "--max-windows", "8"]) == 0
     assert "WARNING" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt"])
+def test_fold_input_scale_keeps_the_float_function(arch):
+    from quantship.methods.fold import fold_input_scale
+    from quantship.models.arch import arch_facts
+
+    model, _ = build_tiny_model(arch)
+    ids = torch.randint(2, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        facts = arch_facts(model.config.model_type)
+        block = model.get_submodule(facts.blocks)[0]
+        g = torch.Generator().manual_seed(1)
+        for group in facts.groups:
+            from quantship.methods.fold import out_features
+
+            n = out_features(block.get_submodule(group.prev)) if group.prev_kind == "linear" else \
+                block.get_submodule(group.prev).weight.shape[0]
+            if any(block.get_submodule(lin).weight.shape[-1 if type(block.get_submodule(lin)).__name__ != "Conv1D" else 0] != n
+                   for lin in group.linears):
+                continue  # GQA v_proj -> o_proj: not foldable
+            fold_input_scale(block, group, facts, torch.rand(n, generator=g) * 3 + 0.2)
+        after = model(ids).logits
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)

@@ -112,22 +112,26 @@ def awq_block_solver(scheme: Scheme, params: AWQParams, report: dict, use_gptq: 
     from .fold import fold_input_scale
 
     def solve(ctx) -> dict[str, QuantizedWeight]:
+        # Phase 1: search and fold every group's scale. Folding a linear predecessor (v_proj,
+        # up_proj) rescales rows of a linear from an earlier group, so nothing is rounded until
+        # all scales are in place.
+        scales: dict[tuple[str, ...], torch.Tensor] = {}
+        for group in ctx.groups:
+            scale_group = ctx.group_prev.get(group)
+            if scale_group is None or tuple(scale_group.linears) != group or _gqa_mismatch(ctx.block, scale_group):
+                report.setdefault("awq_unscaled", []).append(f"{ctx.prefix}.{','.join(group)}")
+                continue
+            stats = ctx.stats[group]
+            weights = [linear_weight(ctx.block.get_submodule(n)).float() for n in group]
+            s, a, _ = search_scale(torch.cat(weights), stats.sample(), stats.abs_mean(), scheme, params.grid)
+            fold_input_scale(ctx.block, scale_group, ctx.facts, s)
+            scales[group] = s
+            report.setdefault("awq_exponent", {})[f"{ctx.prefix}:{group[0]}"] = a
+        # Phase 2: round the final weights against their (rescaled) inputs.
         chosen: dict[str, QuantizedWeight] = {}
         for group in ctx.groups:
-            stats = ctx.stats[group]
-            x = stats.sample()
+            stats, s = ctx.stats[group], scales.get(group)
             weights = [linear_weight(ctx.block.get_submodule(n)).float() for n in group]
-            scale_group = ctx.group_prev.get(group)
-            s = None
-            if scale_group is not None and tuple(scale_group.linears) == group \
-                    and not _gqa_mismatch(ctx.block, scale_group):
-                s, a, losses = search_scale(torch.cat(weights), x, stats.abs_mean(), scheme, params.grid)
-                fold_input_scale(ctx.block, scale_group, ctx.facts, s)
-                weights = [linear_weight(ctx.block.get_submodule(n)).float() for n in group]
-                x = x / s
-                report.setdefault("awq_exponent", {})[f"{ctx.prefix}:{group[0]}"] = a
-            else:
-                report.setdefault("awq_unscaled", []).append(f"{ctx.prefix}.{','.join(group)}")
             names = [f"{ctx.prefix}.{n}" for n in group]
             if use_gptq:
                 h = stats.mean_hessian()
@@ -135,8 +139,9 @@ def awq_block_solver(scheme: Scheme, params: AWQParams, report: dict, use_gptq: 
                     h = h / torch.outer(s, s)
                 qws = quantize_group_gptq(weights, h, scheme, params.gptq(), names, report)
             else:
-                xc = x[:: max(1, x.shape[0] // params.clip_tokens)][: params.clip_tokens]
-                qws = [quantize_weight(scheme, w, search_clip(w, xc, scheme, params) if params.clip else 1.0)
+                x = stats.sample() if s is None else stats.sample() / s
+                x = x[:: max(1, x.shape[0] // params.clip_tokens)][: params.clip_tokens]
+                qws = [quantize_weight(scheme, w, search_clip(w, x, scheme, params) if params.clip else 1.0)
                        for w in weights]
             chosen.update(zip(group, qws))
         return chosen
