@@ -240,6 +240,22 @@ def test_generate_rows_with_different_limits_and_code_stop(pair):
     assert stopper(ids, None).tolist() == [True, False]  # 3 new tokens: row 0 is at its limit
 
 
+def test_eos_token_id_zero_is_kept():
+    """EOS id 0 in the generation config is a real EOS (it used to be dropped as falsy)."""
+    from types import SimpleNamespace
+
+    from quantship.evaluate.generate import eos_token_ids
+
+    def model(eos):
+        return SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=eos))
+
+    tok = SimpleNamespace(eos_token_id=5)
+    assert eos_token_ids(model(0), tok) == [0]
+    assert eos_token_ids(model([0, 7]), tok) == [0, 7]
+    assert eos_token_ids(model(None), tok) == [5]
+    assert eos_token_ids(model(None), SimpleNamespace(eos_token_id=None)) == []
+
+
 # ----------------------------------------------------------------------------- run_suites
 
 def test_run_suites_end_to_end(pair, tmp_path):

@@ -108,6 +108,16 @@ def plan_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int)
     return batches
 
 
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """The model's EOS ids (generation config, else the tokenizer's); token id 0 is a valid EOS."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None or eos == []:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
 def _pad_id(tokenizer, model) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, getattr(model.config, "pad_token_id", None),
                       getattr(model.config, "eos_token_id", None)):
@@ -131,8 +141,8 @@ def generate(model, tokenizer, items: Sequence[Item], *, batch_size: int = DEFAU
     item_stops = [stops for _, _, stops in rendered]
     code_block = [stops_after_code_block(it) for it in items]
     pad_id = _pad_id(tokenizer, model)
-    eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
-    eos_ids = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+    eos = eos_token_ids(model, tokenizer)
+    eos_ids = set(eos)
     device = next(model.parameters()).device
     outputs: list[str] = [""] * len(items)
     bar = tqdm(total=len(items), desc=desc, disable=not progress, unit="item")
@@ -149,7 +159,7 @@ def generate(model, tokenizer, items: Sequence[Item], *, batch_size: int = DEFAU
                                  [items[i].max_tokens for i in idx])
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, max_new_tokens=max_new,
-            pad_token_id=pad_id, eos_token_id=eos, temperature=None, top_p=None, top_k=None,
+            pad_token_id=pad_id, eos_token_id=eos or None, temperature=None, top_p=None, top_k=None,
             stopping_criteria=StoppingCriteriaList([stopper]),
         )
         for row, i in enumerate(idx):
