@@ -256,6 +256,32 @@ def test_eos_token_id_zero_is_kept():
     assert eos_token_ids(model(None), SimpleNamespace(eos_token_id=None)) == []
 
 
+@pytest.mark.parametrize("scheme", ["w8", "w4g32-asym", "w8a8"])
+def test_dequantized_once_is_bitwise_exact(tiny_models, tmp_path, scheme):
+    """Caching each QuantLinear's dequantized weight changes no bit of logits or greedy outputs."""
+    import quantship
+    from quantship.evaluate.fastpath import dequantized_once
+    from quantship.formats.linear import QuantLinear
+
+    art = quantship.quantize(str(tiny_models["llama"]), scheme, out=tmp_path / scheme, progress=False,
+                             log=lambda *a: None)
+    model, tok = quantship.load(art)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers
+    ids = torch.tensor([tok("The quick brown fox jumps over")["input_ids"]])
+    items = [Item(id=str(i), checker="qa", prompt=p, answers=("x",), max_tokens=8)
+             for i, p in enumerate(["The quick brown", "def add(a, b):", "Quantization maps"])]
+    with torch.no_grad():
+        ref_logits = model(input_ids=ids).logits
+    ref_out = generate(model, tok, items, progress=False)
+    with dequantized_once(model):
+        assert all(m.kernel is not None for m in layers)
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, ref_logits)
+        assert generate(model, tok, items, progress=False) == ref_out
+    assert all(m.kernel is None for m in layers)  # restored
+
+
 # ----------------------------------------------------------------------------- run_suites
 
 def test_run_suites_end_to_end(pair, tmp_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..corpora import corpus_text
 from ..specs import EvalSpec
+from .fastpath import dequantized_once
 from .metrics import TokenStats, make_windows, score_windows, summarize
 
 DEFAULT_TEXTS = ("news",)
@@ -45,7 +46,8 @@ def compare(baseline, candidate, *, texts=None, spec: EvalSpec = EvalSpec(), pro
     per_text = {}
     for name, text in sources.items():
         windows = make_windows(base_tok(text, add_special_tokens=False)["input_ids"], spec.ctx, spec.max_windows)
-        stats = score_windows(base_model, cand_model, windows, spec, desc=f"eval {name}", progress=progress)
+        with dequantized_once(base_model), dequantized_once(cand_model):  # exact; see fastpath.py
+            stats = score_windows(base_model, cand_model, windows, spec, desc=f"eval {name}", progress=progress)
         per_text[name] = summarize(stats)
         for key in vars(stats):
             getattr(overall, key).extend(getattr(stats, key))

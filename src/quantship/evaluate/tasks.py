@@ -22,6 +22,7 @@ import torch
 
 from ..fsutil import atomic_write_text, canonical_json
 from .checkers import CheckResult, check
+from .fastpath import dequantized_once
 from .generate import DEFAULT_BATCH_SIZE, generate
 from .stats import Calibration, ECEAccumulator, flip_counts, mcnemar_exact, paired_bootstrap_ci
 from .suites import (GENERATION_SUITES, SCORING_SUITES, Item, Suite, SuiteContext, load_jsonl, load_suite,
@@ -129,6 +130,23 @@ def _refusal_behaviour(records: list[dict]) -> dict:
             "behaviour_agreement": sum(x == y for x, y in zip(rb, rc)) / n}
 
 
+def _run_all(baseline, candidate, suites, resolved, *, seed, limit, out_dir, progress, results) -> None:
+    for suite in resolved:
+        result, records = _run_suite(suite, baseline, candidate, seed=seed, batch_size=DEFAULT_BATCH_SIZE,
+                                     progress=progress)
+        results[suite.name] = result
+        if out_dir is not None:
+            lines = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+            atomic_write_text(Path(out_dir) / f"tasks-{suite.name.replace(':', '-')}.jsonl", lines)
+    if "multilingual" in suites:
+        texts = multilingual_texts()
+        if limit is not None:
+            texts = {k: v[:limit] for k, v in texts.items()}
+        slices = score_slices(lambda text: score_text_pair(baseline, candidate, text), texts)
+        results["multilingual"] = {"slices": slices, "n": len(slices),
+                                   "content_hash": content_hash([{"slice": k, **v} for k, v in sorted(slices.items())])}
+
+
 def run_suites(baseline, candidate, suites: list[str], *, suite_files=(), full: bool = False, seed: int = 0,
                limit: int | None = None, out_dir=None) -> dict:
     """Run task suites on both (model, tokenizer) pairs; per-suite statistics keyed by suite name.
@@ -150,20 +168,9 @@ def run_suites(baseline, candidate, suites: list[str], *, suite_files=(), full: 
     ctx = SuiteContext(tokenizer=b_tok, max_context=min(_max_context(b_model), _max_context(c_model)), seed=seed)
     progress = True
     results: dict[str, Any] = {}
-    for suite in _resolve(suites, suite_files, full, ctx, limit):
-        result, records = _run_suite(suite, baseline, candidate, seed=seed, batch_size=DEFAULT_BATCH_SIZE,
-                                     progress=progress)
-        results[suite.name] = result
-        if out_dir is not None:
-            lines = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
-            atomic_write_text(Path(out_dir) / f"tasks-{suite.name.replace(':', '-')}.jsonl", lines)
-    if "multilingual" in suites:
-        texts = multilingual_texts()
-        if limit is not None:
-            texts = {k: v[:limit] for k, v in texts.items()}
-        slices = score_slices(lambda text: score_text_pair(baseline, candidate, text), texts)
-        results["multilingual"] = {"slices": slices, "n": len(slices),
-                                   "content_hash": content_hash([{"slice": k, **v} for k, v in sorted(slices.items())])}
+    with dequantized_once(b_model), dequantized_once(c_model):  # exact, faster decode of QuantLinear layers
+        _run_all(baseline, candidate, suites, _resolve(suites, suite_files, full, ctx, limit), seed=seed,
+                 limit=limit, out_dir=out_dir, progress=progress, results=results)
     return results
 
 
