@@ -43,6 +43,7 @@ class QuantizedWeight:
     codes: torch.Tensor  # (out, in) uint8
     scale: torch.Tensor  # (out, n_groups) float32
     offset: torch.Tensor | None  # (out, n_groups) float32, asymmetric int only
+    act_scale: torch.Tensor | None = None  # (1,) float32: static per-tensor activation scale (w8a8 only)
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.scheme, self.codes, self.scale, self.offset)

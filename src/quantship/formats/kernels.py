@@ -9,6 +9,13 @@ Decode is bound by bytes read, so the integer kernels win by roughly their compr
 Both take bf16 activations (the output is cast back): they trade exactness with the
 reference path for speed, which is why QuantLinear uses them only after prepare_fast().
 Other formats (int2/3, nf4, fp8, per-tensor) keep the reference dequantize-then-matmul path.
+
+w8a8 (int8 weights x int8 activations) really multiplies in int8: activations are quantized
+per token (or with the layer's static scale) exactly as the reference does, multiplied with
+torch._int_mm (int8 x int8 -> int32; runs on CPU in torch 2.13 for every M >= 1, K and N
+as here, no padding needed) against the stored two's-complement weight bytes, then rescaled by
+act_scale x weight scale in fp32. The integer products are exact, so it matches the reference
+up to fp32 summation order (numbers in docs/results/kernels.md).
 """
 
 from __future__ import annotations
@@ -65,6 +72,30 @@ def _prepare_int4(layer) -> None:
     )
 
 
+def _w8a8_int(layer, x: torch.Tensor) -> torch.Tensor:
+    state = layer.kernel_state
+    x2 = x.reshape(-1, layer.in_features).float()
+    if layer.act_scale is not None:
+        x_scale = layer.act_scale  # (1,) static
+    else:
+        x_scale = x2.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0  # (M, 1), as the reference
+    x_q = torch.round(x2 / x_scale).clamp_(-127, 127).to(torch.int8)  # (M, K)
+    acc = torch._int_mm(x_q, state["w_int8_t"])  # (M, N) int32, exact
+    y = acc.float().mul_(x_scale).mul_(state["scales"])
+    if layer.bias is not None:
+        y = y.add_(state["bias"])
+    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+
+def _prepare_w8a8(layer) -> None:
+    layer.kernel_state.update(
+        w_int8_t=layer.qweight.view(torch.int8).t(),  # (K, N) view of the two's-complement codes: zero-copy
+        scales=layer.scales.reshape(1, -1).float(),
+        bias=layer.bias.float() if layer.bias is not None else None,
+        owns_weights=False,
+    )
+
+
 def select_kernel(layer) -> tuple[str, KernelFn | None]:
     """-> (kernel name, fn) for a QuantLinear; ("reference", None) when no fast kernel applies."""
     s = layer.scheme
@@ -72,6 +103,10 @@ def select_kernel(layer) -> tuple[str, KernelFn | None]:
             and _has_op("_weight_int8pack_mm"):
         _prepare_int8(layer)
         return "int8_weight_only", _int8_weight_only
+    if s.kind == "int" and s.bits == 8 and s.symmetric and s.granularity == "channel" and s.act_bits == 8 \
+            and _has_op("_int_mm"):
+        _prepare_w8a8(layer)
+        return "w8a8_int8_int_mm", _w8a8_int
     if s.kind == "int" and s.bits == 4 and s.granularity == "group" and s.group_size in (32, 64, 128, 256) \
             and layer.in_features % s.group_size == 0 and _has_op("_weight_int4pack_mm_for_cpu"):
         _prepare_int4(layer)

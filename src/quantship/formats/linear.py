@@ -3,6 +3,11 @@
 Forward dequantizes this one layer's weight on the fly (reference path) so a loaded
 quantized model never holds the whole model in float; `prepare_fast()` switches a layer to
 a measured faster kernel from formats/kernels.py (serving), leaving evaluation exact.
+
+Weight+activation schemes (w8a8) quantize the input to int8 at run time: per token (dynamic,
+the default) or with one calibrated per-tensor scale (static) held in the optional `act_scale`
+buffer; a layer without that buffer is dynamic. The buffer is saved with the layer and is
+recreated on load when the state dict holds it, so artifacts round-trip either way.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("offsets", torch.zeros(scale_shape, dtype=torch.float16)
                              if not self.scheme.symmetric else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        self.register_buffer("act_scale", None)  # (1,) float32 when activations use a static scale
         self.compute_dtype = dtype
         self.kernel_state: dict = {}  # tensors owned by the fast kernel (e.g. repacked weights)
         self.kernel: Callable | None = None  # set by prepare_fast(); None = reference path
@@ -48,7 +54,27 @@ class QuantLinear(nn.Module):
             layer.offsets = qw.offset.to(torch.float16).reshape(layer.scales.shape).contiguous()
         if bias is not None:
             layer.bias = bias.detach().to(dtype).clone()
+        if qw.act_scale is not None:
+            layer.set_act_scale(qw.act_scale)
         return layer
+
+    def set_act_scale(self, scale: torch.Tensor | float | None) -> None:
+        """Use one static activation scale (w8a8: x_q = round(x / scale) in [-127, 127]); None = per token."""
+        if scale is None:
+            self.act_scale = None
+            return
+        if not self.scheme.act_bits:
+            raise ValueError(f"scheme {self.scheme.name} quantizes no activations; a static act_scale needs w8a8")
+        t = torch.as_tensor(scale, dtype=torch.float32).detach().reshape(-1).clone()
+        if t.numel() != 1 or not torch.isfinite(t).all() or t.item() <= 0:
+            raise ValueError(f"act_scale must be one finite positive number, got {t.tolist()}")
+        self.act_scale = t
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The optional static activation scale exists only in artifacts that have it.
+        if self.act_scale is None and prefix + "act_scale" in state_dict:
+            self.act_scale = torch.ones(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def _twos_complement(self) -> bool:
@@ -74,7 +100,8 @@ class QuantLinear(nn.Module):
         return self.dequantize().to(self.compute_dtype)
 
     def storage_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.offsets) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.offsets, self.act_scale)
+                   if t is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Exact reference unless prepare_fast() chose a kernel: evaluation stays bit-faithful
@@ -100,15 +127,25 @@ class QuantLinear(nn.Module):
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantize().to(x.dtype)
         if self.scheme.act_bits:
-            x = fake_quantize_per_token(x, self.scheme.act_bits)
+            if self.act_scale is not None:
+                x = fake_quantize_static(x, self.act_scale.to(x.dtype), self.scheme.act_bits)
+            else:
+                x = fake_quantize_per_token(x, self.scheme.act_bits)
         return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
+        act = ", act=static" if self.act_scale is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}{act}"
 
 
 def fake_quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Symmetric dynamic per-token activation quantization, returned dequantized (reference for w8a8)."""
     qmax = (1 << (bits - 1)) - 1
     scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
+    return torch.round(x / scale).clamp(-qmax, qmax) * scale
+
+
+def fake_quantize_static(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric activation quantization with one calibrated scale, returned dequantized (static w8a8)."""
+    qmax = (1 << (bits - 1)) - 1
     return torch.round(x / scale).clamp(-qmax, qmax) * scale

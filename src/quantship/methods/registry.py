@@ -26,10 +26,21 @@ class Method:
     run: Callable | None = None  # (model, targets, scheme, params, calib) -> dict[str, QuantizedWeight]
     supports: Callable[[Scheme], bool] = lambda scheme: True
     description: str = ""
+    schemes: str = ""  # the valid schemes in words, for error messages ("w8a8 only")
 
     def __post_init__(self) -> None:
         if (self.quantize_weight is None) == (self.run is None):
             raise ValueError(f"method {self.name!r} must define exactly one of quantize_weight / run")
+
+    def check_scheme(self, scheme: Scheme) -> None:
+        """Raise ValueError naming what this method takes and which methods take `scheme`."""
+        if self.supports(scheme):
+            return
+        _load_builtin_methods()
+        takers = sorted(m.name for m in METHODS.values() if m.supports(scheme))
+        takes = f"; {self.name} takes {self.schemes}" if self.schemes else ""
+        raise ValueError(f"method {self.name!r} does not support scheme {scheme.name!r}{takes}; "
+                         f"methods that take {scheme.name}: {', '.join(takers) or 'none'}")
 
     def make_params(self, overrides: dict[str, Any] | None = None):
         overrides = dict(overrides or {})
