@@ -247,7 +247,7 @@ def run_quantship(kind: str, ids: list[int], n: int, repeats: int) -> dict:
 def run_concurrency(concurrency: int, ids_len: int, n: int) -> dict:
     from quantship.bench.run import BenchSpec, run_bench
 
-    spec = BenchSpec(model=artifact("w8"), concurrency=concurrency, num_prompts=2 * concurrency, input_len=ids_len,
+    spec = BenchSpec(model=artifact("w8"), concurrency=concurrency, num_prompts=concurrency, input_len=ids_len,
                      output_len=n, max_batch=concurrency, measure_bandwidth=False)
     r = run_bench(spec, progress=False)
     keep = ("output_tok_s", "decode_tok_s", "request_throughput", "duration_s", "mean_decode_batch", "ttft_s",
@@ -275,7 +275,10 @@ def in_subprocess(kind: str, args) -> dict:
     cmd = [sys.executable, __file__, "--one", kind, "--prompt-len", str(args.prompt_len), "--output-len",
            str(args.output_len), "--repeats", str(args.repeats)]
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"timed out after {args.timeout} s (machine load {os.getloadavg()[0]:.1f})"}
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
     if out.returncode != 0 or not lines:
         err = [l for l in out.stderr.strip().splitlines() if l.strip()]
@@ -345,6 +348,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", nargs="+", help="run these peers only")
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per peer before it is skipped")
     ap.add_argument("--out", default="docs/results")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -358,10 +362,14 @@ def main() -> None:
 
     machine = machine_info(measure=False).to_dict()
     machine["bandwidth_gbs"] = measure_bandwidth_subprocess()
-    results = {}
-    for kind in [*(args.only or PEERS), *([] if args.only else ["concurrency-16"])]:
+    results, previous = {}, Path(f"{args.out}/peers.json")
+    if args.only and previous.exists():  # re-running some peers: keep the others' results, marked as earlier runs
+        old = json.loads(previous.read_text())
+        results = {k: {**v, "from_earlier_run": True} for k, v in old.get("results", {}).items()}
+        machine["earlier_run"] = {"loadavg": old["machine"].get("loadavg"), "bandwidth_gbs": old["machine"].get("bandwidth_gbs")}
+    for kind in args.only or [*PEERS, "concurrency-16"]:
         console.print(f"[bold]{kind}[/bold] (load {os.getloadavg()[0]:.2f}) ...", end=" ")
-        results[kind] = in_subprocess(kind, args)
+        results[kind] = {**in_subprocess(kind, args), "loadavg_at_start": round(os.getloadavg()[0], 2)}
         r = results[kind]
         console.print(r.get("skipped") and f"skipped: {r['skipped']}" or
                       f"{r.get('decode_tok_s') or 0:.1f} tok/s" + (f", aggregate {r['output_tok_s']:.1f} tok/s"

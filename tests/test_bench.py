@@ -202,3 +202,18 @@ def test_bench_cli_writes_json(tiny_models, tmp_path, capsys):
 def test_bench_cli_bad_input_exits_1_with_a_message(tiny_models, capsys, args, message):
     assert cli(["bench", str(tiny_models["llama"]), "--no-bandwidth", *args]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_predicted_peak_bytes_adds_the_terms_by_hand():
+    from quantship.bench.plan import activation_bytes, plan, predicted_peak_bytes
+
+    cfg = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 256, "intermediate_size": 512,
+           "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "tie_word_embeddings": True}
+    p = plan(cfg, "fp32", kv="float32", ctx=100, memory="1GiB", source="fp32")
+    out = predicted_peak_bytes(p, batch=3, prefill_tokens=50, engine_head_int8=True, runtime_bytes=1000)
+    assert out["kv"] == 3 * 100 * (4 * 2 * 32 * 2 * 4)  # batch x ctx x layers x kv_heads x head_dim x (K,V) x fp32
+    assert out["weights"] == p.total_weight_bytes + 1000 * 256 + 1000 * 2  # + int8 head codes and fp16 scales
+    assert out["activations"] == activation_bytes(p.shape, prefill_tokens=50, batch=3, act_bytes=4)
+    assert out["total"] == out["weights"] + out["kv"] + out["activations"] + 1000
+    with pytest.raises(ValueError):
+        predicted_peak_bytes(p, batch=0)
