@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rtn, hqq (data-free); gptq, awq (= awq+rtn), awq+gptq, smoothquant (calibrated)")
     q.add_argument("-o", "--out", help="artifact folder (default: ./out/<model>-<scheme>-<method>)")
     q.add_argument("--clip-search", action="store_true", help="RTN: MSE-optimal clipping search per group")
-    q.add_argument("--act-order", action="store_true",
-                   help="GPTQ (gptq, awq+gptq): columns by decreasing Hessian diagonal, static groups")
+    q.add_argument("--no-act-order", action="store_true",
+                   help="GPTQ (gptq, awq+gptq): plain column order instead of decreasing Hessian diagonal")
     q.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable)")
     q.add_argument("--ignore", action="append", default=[], metavar="REGEX", help="keep matching layers (repeatable)")
     q.add_argument("--quantize-head", action="store_true", help="also quantize lm_head")
@@ -191,8 +191,8 @@ def _method_params(args) -> dict:
     params = dict(parse_method_params(args.param))
     if args.clip_search:
         params["clip_search"] = True
-    if args.act_order:
-        params["act_order"] = True
+    if args.no_act_order:
+        params["act_order"] = False
     return params
 
 

@@ -34,7 +34,7 @@ class AWQParams:
     clip_min: float = 0.5
     sample_tokens: int = 1024  # calibration rows per input group used by the scale search
     clip_tokens: int = 512  # of those, rows used by the clipping search
-    batch_size: int = 8  # calibration windows per block forward
+    batch_size: int = 4  # calibration windows per block forward
 
     def __post_init__(self) -> None:
         if self.grid < 1 or self.clip_grid < 2 or not 0.0 < self.clip_min < 1.0:
@@ -46,9 +46,9 @@ class AWQParams:
 @dataclass(frozen=True)
 class AWQGPTQParams(AWQParams):
     clip: bool = False  # GPTQ's error feedback handles the range itself
-    percdamp: float = 0.01
+    percdamp: float = 0.1
     block_size: int = 128
-    act_order: bool = False
+    act_order: bool = True
     max_damp_retries: int = 6
 
     def gptq(self) -> GPTQParams:

@@ -10,6 +10,7 @@ blocks different masks and position embeddings.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import resource
@@ -97,6 +98,15 @@ class BlockContext:
 BlockSolver = Callable[[BlockContext], dict[str, QuantizedWeight]]
 
 
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, so the block-by-block
+    transients would add up in RSS); a no-op where malloc_trim does not exist."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -168,12 +178,13 @@ def input_groups(facts: ArchFacts, block_targets: list[str]) -> tuple[list[tuple
 
 
 def run_layerwise(model: nn.Module, facts: ArchFacts, targets: dict[str, nn.Module], tokens: torch.Tensor,
-                  solve: BlockSolver, *, batch_size: int = 8, want_hessian: bool = True, sample_tokens: int = 0,
+                  solve: BlockSolver, *, batch_size: int = 4, want_hessian: bool = True, sample_tokens: int = 0,
                   progress: bool = True, report: dict | None = None, desc: str = "quantize") -> dict[str, QuantizedWeight]:
     """Run `solve` block by block on calibration `tokens` (n, seqlen); returns {target name: weight}."""
     blocks = model.get_submodule(facts.blocks)
     started = time.perf_counter()
     hidden, calls_by_size = capture_block_inputs(model, blocks, tokens, batch_size)
+    release_free_memory()
     n_batches = len(hidden)
     per_batch = math.ceil(sample_tokens / n_batches) if sample_tokens else 0
     chosen: dict[str, QuantizedWeight] = {}
@@ -212,6 +223,8 @@ def run_layerwise(model: nn.Module, facts: ArchFacts, targets: dict[str, nn.Modu
             outs = run_block()
         for k, out in enumerate(outs):  # in place: block i's outputs are block i+1's inputs
             hidden[k] = out
+        del outs
+        release_free_memory()
         t_end = time.perf_counter()
         phases = {"stats_s": round(t_stats - t0, 3), "solve_s": round(t_solve - t_stats, 3),
                   "forward_s": round(t_end - t_solve, 3)} if rel_targets else {}
