@@ -242,6 +242,12 @@ def test_w8a8_int8_kernel_equals_reference(static, shape):
     x[..., 7] *= 40.0  # an outlier channel
     ref = layer.reference_forward(x)
     assert layer.prepare_fast() == "w8a8_int8_int_mm"
+    layer.kernel_state["max_rows"] = 1 << 30  # force the int8 path for every size (normally M <= 2 only)
     y = layer(x)
     assert y.shape == ref.shape
     assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5), (y - ref).abs().max()
+    from quantship.formats.kernels import _w8a8_int
+
+    assert torch.allclose(_w8a8_int(layer, x), ref, atol=1e-5, rtol=1e-5)
+    layer.kernel_state["max_rows"] = 2
+    assert (_w8a8_int(layer, x) is None) == (x.reshape(-1, 576).shape[0] > 2)

@@ -15,7 +15,11 @@ per token (or with the layer's static scale) exactly as the reference does, mult
 torch._int_mm (int8 x int8 -> int32; runs on CPU in torch 2.13 for every M >= 1, K and N
 as here, no padding needed) against the stored two's-complement weight bytes, then rescaled by
 act_scale x weight scale in fp32. The integer products are exact, so it matches the reference
-up to fp32 summation order (numbers in docs/results/kernels.md).
+up to fp32 summation order. torch 2.13's CPU _int_mm is an unvectorised loop (~1 GOP/s here):
+measured on one thread, 1536x576, it beats the reference (dequantize + fake-quant + fp32 matmul)
+at M = 1 (669 vs 966 us), ties at M = 2 and loses from M = 4 on (2.7 vs 1.5 ms; 90 vs 9 ms at
+M = 64), so the kernel takes rows <= W8A8_INT_MM_MAX_ROWS and hands larger inputs back to the
+reference path (docs/results/kernels.md).
 """
 
 from __future__ import annotations
@@ -72,9 +76,14 @@ def _prepare_int4(layer) -> None:
     )
 
 
-def _w8a8_int(layer, x: torch.Tensor) -> torch.Tensor:
+W8A8_INT_MM_MAX_ROWS = 2
+
+
+def _w8a8_int(layer, x: torch.Tensor) -> torch.Tensor | None:
     state = layer.kernel_state
     x2 = x.reshape(-1, layer.in_features).float()
+    if x2.shape[0] > state["max_rows"]:
+        return None  # the reference path is faster for more rows (see the module docstring)
     if layer.act_scale is not None:
         x_scale = layer.act_scale  # (1,) static
     else:
@@ -92,6 +101,7 @@ def _prepare_w8a8(layer) -> None:
         w_int8_t=layer.qweight.view(torch.int8).t(),  # (K, N) view of the two's-complement codes: zero-copy
         scales=layer.scales.reshape(1, -1).float(),
         bias=layer.bias.float() if layer.bias is not None else None,
+        max_rows=W8A8_INT_MM_MAX_ROWS,
         owns_weights=False,
     )
 
