@@ -87,8 +87,7 @@ def quantize_model(model: nn.Module, tokenizer, spec: QuantSpec, *, source: Path
     scheme = spec.parsed_scheme
     method = get_method(spec.method)
     params = method.make_params(spec.params)
-    if not method.supports(scheme):
-        raise ValueError(f"method {method.name!r} does not support scheme {scheme.name!r}")
+    method.check_scheme(scheme)  # names what the method takes and which methods take the scheme
     if method.needs_calibration and calib is None:
         raise ValueError(f"method {method.name!r} needs calibration data (--calib)")
     targets = find_targets(model, facts, spec)
