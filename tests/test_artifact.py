@@ -80,6 +80,18 @@ def test_one_changed_byte_fails_verify_and_load(artifact, capsys):
         quantship.load(artifact)
 
 
+def test_missing_tensor_is_named_even_without_hash_verification(artifact):
+    from safetensors.torch import load_file, save_file
+    from quantship.artifact import load_artifact
+
+    weights = artifact / "model.safetensors"
+    state = load_file(str(weights))
+    dropped = next(k for k in state if k.endswith("norm.weight"))
+    save_file({k: v for k, v in state.items() if k != dropped}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ArtifactError, match="missing"):
+        load_artifact(artifact, verify=False)
+
+
 def test_edited_manifest_and_extra_file_are_caught(artifact):
     manifest = json.loads((artifact / "quantship.json").read_text())
     manifest["files"]["config.json"] = "0" * 64

@@ -216,16 +216,20 @@ def load_artifact(path: str | Path, *, dtype: torch.dtype = torch.float32, verif
     """-> (model, tokenizer). Verifies hashes first and refuses a tampered artifact."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.initialization import no_init_weights
+    from accelerate import init_empty_weights
 
     path = Path(path)
     manifest = verify_artifact(path) if verify else read_manifest(path)
     config = AutoConfig.from_pretrained(path)
-    with no_init_weights():  # weights come from the file; skip random init of the float skeleton
+    # The skeleton's parameters live on the meta device: every weight comes from the mmap'd file, and
+    # allocating (then freeing) a float skeleton leaves its pages resident in the heap. Buffers stay
+    # real so that the ones computed at init (rotary inv_freq) are correct.
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, info in manifest["modules"].items():
         out_f, in_f = info["shape"]
-        layer = QuantLinear(in_f, out_f, parse_scheme(info["scheme"]), bias=info["bias"], dtype=dtype)
+        with torch.device("meta"):
+            layer = QuantLinear(in_f, out_f, parse_scheme(info["scheme"]), bias=info["bias"], dtype=dtype)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     state = load_file(str(path / "model.safetensors"))  # mmap-backed
@@ -239,6 +243,9 @@ def load_artifact(path: str | Path, *, dtype: torch.dtype = torch.float32, verif
         )
     if tied:
         model.tie_weights()
+    unloaded = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unloaded:
+        raise ArtifactError(f"artifact {path}: no tensor in model.safetensors for {unloaded[:5]}")
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
