@@ -98,25 +98,45 @@ def test_sampling_is_seeded_and_respects_top_k():
     assert len(set(rep)) > len(set(engine.generate([PROMPTS[1]], GREEDY)[0][:12])) - 1
 
 
-def test_int8_kv_cache_halves_memory_and_stays_close():
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_scaled_kv_cache_halves_memory_and_stays_close(kind):
     model, tok = build_tiny_model("llama", seed=3)
     f32 = Engine(model, tok, fast=False, max_seq_len=128)
-    i8 = Engine(model, tok, fast=False, max_seq_len=128, kv_cache="int8")
+    q8 = Engine(model, tok, fast=False, max_seq_len=128, kv_cache=kind)
     bf16 = Engine(model, tok, fast=False, max_seq_len=128, kv_cache="bfloat16")
     assert bf16.kv_bytes_per_token() == f32.kv_bytes_per_token() // 2
-    assert i8.kv_bytes_per_token() < 0.6 * bf16.kv_bytes_per_token()
+    assert q8.kv_bytes_per_token() < 0.6 * bf16.kv_bytes_per_token()
     long_prompt = list(range(2, 90))
-    for e in (f32, i8):
+    for e in (f32, q8):
         e.add_request(long_prompt, SamplingParams(max_tokens=1))
         e.step()
     # logits of the next position through each cache: compare distributions
     ids, pos = torch.tensor([5]), torch.tensor([len(long_prompt)])
-    for e in (f32, i8):
+    for e in (f32, q8):
         e.running = [type("R", (), {"length": len(long_prompt)})()]
     lf = torch.log_softmax(f32.forward.decode(ids, pos, f32.cache), -1)
-    li = torch.log_softmax(i8.forward.decode(ids, pos, i8.cache), -1)
-    kld = float((lf.exp() * (lf - li)).sum())
-    assert kld < 1e-3
+    lq = torch.log_softmax(q8.forward.decode(ids, pos, q8.cache), -1)
+    kld = float((lf.exp() * (lf - lq)).sum())
+    assert not torch.equal(lf, lq)  # the cache really is quantized...
+    assert kld < {"int8": 1e-3, "fp8": 1e-2}[kind]  # ...and the next-token distribution barely moves
+
+
+def test_scaled_kv_cache_round_trip_error_is_bounded():
+    from quantship.engine.kv_cache import KVCache
+
+    x = torch.randn(2, 3, 5, 16) * torch.logspace(-2, 2, 16)  # heads with very different ranges
+    for kind, rel in (("int8", 1 / 127), ("fp8", 1 / 16)):
+        cache = KVCache(1, 2, 3, 8, 16, kind)
+        cache.write(0, torch.tensor([0, 1]), torch.tensor([0, 0]), x, x)
+        k, _ = cache.read(0, 2, 5, torch.float32)
+        bound = x.abs().amax(-1, keepdim=True) * rel  # relative to each (head, position)'s absmax
+        assert ((k - x).abs() <= bound + 1e-6).all(), kind
+
+
+def test_unknown_kv_cache_kind_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="valid: float32, bfloat16, int8, fp8"):
+        from quantship.engine.kv_cache import KVCache
+        KVCache(1, 1, 1, 4, 4, "int4")
 
 
 def test_quantized_fast_path_matches_its_reference(tiny_models):

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 from .metrics import load_metrics, parse_slo
 
-KV_KINDS = ("float32", "bfloat16", "int8")
+KV_KINDS = ("float32", "bfloat16", "int8", "fp8")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
-"""Preallocated KV cache: one slot per running request, float or int8 storage.
+"""Preallocated KV cache: one slot per running request, float, int8 or fp8 (e4m3) storage.
 
-Layout per layer: K and V of shape (slots, kv_heads, max_seq, head_dim). int8 storage keeps a
-float16 absmax scale per (slot, head, position): memory per token is
-layers x kv_heads x (head_dim + 2) x 2 bytes instead of x head_dim x 2 x 4 (fp32) or x 2 (bf16).
+Layout per layer: K and V of shape (slots, kv_heads, max_seq, head_dim). int8 and fp8 storage keep a
+float16 absmax scale per (slot, head, position) (per token and head: a new token never rescales the
+old ones): memory per token is layers x kv_heads x (head_dim + 2) x 2 bytes instead of
+x head_dim x 2 x 4 (fp32) or x 2 (bf16).
 Running requests occupy slots 0..n-1 (the engine compacts on finish), so a decode step reads
 contiguous slices.
 """
@@ -11,7 +12,10 @@ from __future__ import annotations
 
 import torch
 
-KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
+KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8,
+             "fp8": torch.float8_e4m3fn}
+# Scaled kinds: largest code magnitude (the absmax maps to it)
+SCALED_MAX = {"int8": 127.0, "fp8": 448.0}
 
 
 class KVCache:
@@ -24,13 +28,13 @@ class KVCache:
         dtype = KV_DTYPES[kind]
         self.k = [torch.zeros(shape, dtype=dtype) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype) for _ in range(layers)]
-        if kind == "int8":
+        if kind in SCALED_MAX:
             self.k_scale = [torch.ones(shape[:-1] + (1,), dtype=torch.float16) for _ in range(layers)]
             self.v_scale = [torch.ones(shape[:-1] + (1,), dtype=torch.float16) for _ in range(layers)]
 
     def bytes_per_token(self) -> int:
         elem = torch.tensor([], dtype=KV_DTYPES[self.kind]).element_size()
-        per_head = self.head_dim * elem + (2 if self.kind == "int8" else 0)  # + fp16 scale
+        per_head = self.head_dim * elem + (2 if self.kind in SCALED_MAX else 0)  # + fp16 scale
         return self.layers * self.kv_heads * per_head * 2
 
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -43,7 +47,7 @@ class KVCache:
                 if scale_store is None:
                     store[layer][idx] = x[:, :, 0].to(store[layer].dtype)
                 else:
-                    q, s = _quantize_int8(x[:, :, 0])
+                    q, s = _quantize(x[:, :, 0], self.kind)
                     store[layer][idx] = q
                     scale_store[layer][idx] = s
             else:
@@ -52,7 +56,7 @@ class KVCache:
                     if scale_store is None:
                         store[layer][sl] = x[i].to(store[layer].dtype)
                     else:
-                        q, s = _quantize_int8(x[i])
+                        q, s = _quantize(x[i], self.kind)
                         store[layer][sl] = q
                         scale_store[layer][sl] = s
 
@@ -60,7 +64,7 @@ class KVCache:
         """K, V of slots 0..n-1 over positions 0..length-1 as `dtype` (n, kv_heads, length, head_dim)."""
         k = self.k[layer][:n, :, :length]
         v = self.v[layer][:n, :, :length]
-        if self.kind == "int8":
+        if self.kind in SCALED_MAX:
             k = k.to(dtype) * self.k_scale[layer][:n, :, :length].to(dtype)
             v = v.to(dtype) * self.v_scale[layer][:n, :, :length].to(dtype)
             return k, v
@@ -68,13 +72,17 @@ class KVCache:
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy slot src's first `length` positions into slot dst (compaction after a finish)."""
-        stores = [self.k, self.v] + ([self.k_scale, self.v_scale] if self.kind == "int8" else [])
+        stores = [self.k, self.v] + ([self.k_scale, self.v_scale] if self.kind in SCALED_MAX else [])
         for store in stores:
             for layer in range(self.layers):
                 store[layer][dst, :, :length] = store[layer][src, :, :length]
 
 
-def _quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-(head, position) absmax int8: x (..., head_dim) -> codes, scale (..., 1)."""
-    scale = (x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-4) / 127.0).half()
-    return torch.round(x / scale.float()).clamp(-127, 127).to(torch.int8), scale
+def _quantize(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-(head, position) absmax: x (..., head_dim) -> codes, float16 scale (..., 1)."""
+    qmax = SCALED_MAX[kind]
+    scale = (x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-4) / qmax).half()
+    y = x / scale.float()
+    if kind == "int8":
+        return torch.round(y).clamp(-127, 127).to(torch.int8), scale
+    return y.clamp(-qmax, qmax).to(torch.float8_e4m3fn), scale
