@@ -242,3 +242,21 @@ def test_fold_input_scale_keeps_the_float_function(arch):
             fold_input_scale(block, group, facts, torch.rand(n, generator=g) * 3 + 0.2)
         after = model(ids).logits
     assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
+
+
+def test_awq_scales_gqa_v_to_o_in_v_proj_channel_space(tiny_models):
+    # tiny llama: 4 heads, 2 KV heads -> o_proj's inputs are v_proj's outputs repeated twice
+    from quantship.methods.awq import search_scale
+    from quantship.methods.fold import expand_to_consumer
+
+    r = quantship.quantize(tiny_models["llama"], "w4g32", method="awq", calib_samples=8, calib_seqlen=32, **QUIET)
+    report = r.extra  # the method's report
+    assert any(k.endswith("self_attn.o_proj") for k in report["awq_exponent"]), report.get("awq_exponent")
+    assert not any("o_proj" in g for g in report.get("awq_unscaled", []))
+    # the search in v_proj's space, expanded per head group, equals searching with the expanded scale
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(8, 16, generator=g), torch.randn(32, 16, generator=g)
+    mean_prev = torch.rand(8, generator=g) + 0.1
+    expand = lambda v: expand_to_consumer(v, 2, 4)
+    s, a, losses = search_scale(w, x, mean_prev, parse_scheme("w4g16"), 5, expand=expand)
+    assert s.shape == (8,) and len(losses) == 5 and losses[round(a * 5)] == min(losses)

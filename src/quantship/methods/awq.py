@@ -9,9 +9,11 @@ Then a per-group clipping search shrinks each group's range to minimise that gro
 error. The weights are finally rounded (`awq`, `awq+rtn`) or handed to GPTQ with the Hessian
 rescaled to the folded inputs, H' = H / (s s^T) (`awq+gptq`).
 
-Ours compares the linears' outputs, not the whole attention/MLP output the reference uses;
-groups whose predecessor cannot be folded exactly (GQA v_proj -> o_proj with fewer KV heads
-than heads; GPT-2's c_proj) get the clipping search only.
+Ours compares the linears' outputs, not the whole attention/MLP output the reference uses.
+Under grouped-query attention o_proj's inputs are v_proj's outputs repeated per head group: s is
+searched in v_proj's channel space (the activation means of the repeated columns averaged) and
+expanded per head group for o_proj, so the fold stays exact. Groups with no foldable predecessor
+(GPT-2's c_proj) get the clipping search only.
 """
 
 from __future__ import annotations
@@ -62,15 +64,19 @@ def _fake_quant(scheme: Scheme, w: torch.Tensor, clip=1.0) -> torch.Tensor:
 
 @torch.no_grad()
 def search_scale(w: torch.Tensor, x: torch.Tensor, x_abs_mean: torch.Tensor, scheme: Scheme,
-                 grid: int) -> tuple[torch.Tensor, float, list[float]]:
-    """Best input-channel scale s (in,) for weight w (out, in) on inputs x (T, in). -> (s, a, losses)."""
+                 grid: int, expand=lambda s: s) -> tuple[torch.Tensor, float, list[float]]:
+    """Best scale s for weight w (out, in) on inputs x (T, in). -> (s, a, losses).
+
+    s lives in the predecessor's channel space (that of x_abs_mean); expand maps it onto w's input
+    columns (identity, or the per-head-group repeat of GQA's v_proj -> o_proj)."""
     ref = x @ w.t()
     best, best_s, best_a, losses = float("inf"), torch.ones_like(x_abs_mean), 0.0, []
     for k in range(grid):
         a = k / grid
         s = x_abs_mean.clamp_min(1e-4).pow(a)
         s = s / (s.max() * s.min()).sqrt()
-        out = (x / s) @ _fake_quant(scheme, w * s).t()
+        s_in = expand(s)
+        out = (x / s_in) @ _fake_quant(scheme, w * s_in).t()
         loss = (out - ref).pow(2).mean().item()
         losses.append(loss)
         if loss < best:
@@ -97,19 +103,20 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, scheme: Scheme, params: AWQPar
     return best
 
 
-def _gqa_mismatch(block, group) -> bool:
-    """v_proj -> o_proj cannot be folded when o_proj's inputs are v_proj's outputs repeated per head group."""
-    from ..pipeline import linear_weight
+def _layout(block, group) -> tuple[int, int] | None:
+    """(n_rep, head_dim) mapping group.prev's channels onto its linears' inputs; None if not foldable."""
+    from .fold import consumer_layout
 
-    if group.prev_kind != "linear":
-        return False
-    prev_out = linear_weight(block.get_submodule(group.prev)).shape[0]
-    return any(linear_weight(block.get_submodule(n)).shape[1] != prev_out for n in group.linears)
+    try:
+        layouts = {consumer_layout(block, group, n) for n in group.linears}
+    except ValueError:
+        return None
+    return layouts.pop() if len(layouts) == 1 else None
 
 
 def awq_block_solver(scheme: Scheme, params: AWQParams, report: dict, use_gptq: bool):
     from ..pipeline import linear_weight
-    from .fold import fold_input_scale
+    from .fold import expand_to_consumer, fold_input_scale, reduce_to_prev
 
     def solve(ctx) -> dict[str, QuantizedWeight]:
         # Phase 1: search and fold every group's scale. Folding a linear predecessor (v_proj,
@@ -118,14 +125,17 @@ def awq_block_solver(scheme: Scheme, params: AWQParams, report: dict, use_gptq: 
         scales: dict[tuple[str, ...], torch.Tensor] = {}
         for group in ctx.groups:
             scale_group = ctx.group_prev.get(group)
-            if scale_group is None or tuple(scale_group.linears) != group or _gqa_mismatch(ctx.block, scale_group):
+            layout = None if scale_group is None or tuple(scale_group.linears) != group \
+                else _layout(ctx.block, scale_group)
+            if layout is None:
                 report.setdefault("awq_unscaled", []).append(f"{ctx.prefix}.{','.join(group)}")
                 continue
             stats = ctx.stats[group]
             weights = [linear_weight(ctx.block.get_submodule(n)).float() for n in group]
-            s, a, _ = search_scale(torch.cat(weights), stats.sample(), stats.abs_mean(), scheme, params.grid)
+            s, a, _ = search_scale(torch.cat(weights), stats.sample(), reduce_to_prev(stats.abs_mean(), *layout, how="mean"),
+                                   scheme, params.grid, expand=lambda v: expand_to_consumer(v, *layout))
             fold_input_scale(ctx.block, scale_group, ctx.facts, s)
-            scales[group] = s
+            scales[group] = expand_to_consumer(s, *layout)  # in the linears' input space
             report.setdefault("awq_exponent", {})[f"{ctx.prefix}:{group[0]}"] = a
         # Phase 2: round the final weights against their (rescaled) inputs.
         chosen: dict[str, QuantizedWeight] = {}

@@ -63,11 +63,12 @@ def expand_to_consumer(s: torch.Tensor, n_rep: int, head_dim: int) -> torch.Tens
     return s.reshape(-1, 1, head_dim).expand(-1, n_rep, head_dim).reshape(-1)
 
 
-def reduce_to_prev(v: torch.Tensor, n_rep: int, head_dim: int) -> torch.Tensor:
-    """Inverse layout of expand_to_consumer for a per-column statistic: max over the n_rep copies."""
+def reduce_to_prev(v: torch.Tensor, n_rep: int, head_dim: int, how: str = "max") -> torch.Tensor:
+    """Inverse layout of expand_to_consumer for a per-column statistic: max (or mean) over the n_rep copies."""
     if n_rep == 1:
         return v
-    return v.reshape(-1, n_rep, head_dim).amax(dim=1).reshape(-1)
+    copies = v.reshape(-1, n_rep, head_dim)
+    return (copies.amax(dim=1) if how == "max" else copies.mean(dim=1)).reshape(-1)
 
 
 @torch.no_grad()
