@@ -121,6 +121,22 @@ def test_fast_kernels_match_the_reference_path(scheme, kernel, bias):
     assert float((got - expected).pow(2).mean() / expected.pow(2).mean()) < 1e-4
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_kernel_dense_prefill_path_is_fp32_exact(bias):
+    from quantship.formats.kernels import INT8_DENSE_MIN_ROWS
+
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 128), torch.randn(INT8_DENSE_MIN_ROWS + 3, 128)
+    layer = QuantLinear.from_quantized(quantize_weight(parse_scheme("w8"), w), torch.randn(96) if bias else None)
+    expected = layer(x)
+    assert layer.prepare_fast() == "int8_weight_only"
+    # many rows: dequantize + fp32 GEMM, i.e. the reference computation up to summation order
+    assert torch.allclose(layer(x), expected, atol=1e-5, rtol=1e-5)
+    few = layer(x[:2])  # few rows: the bf16 int8 GEMV
+    assert not torch.allclose(few, expected[:2], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(few, expected[:2], atol=0.05 * float(expected.abs().max()), rtol=0)
+
+
 def test_released_codes_refuse_to_dequantize():
     layer = QuantLinear.from_quantized(quantize_weight(parse_scheme("w4g32"), torch.randn(32, 64)), None)
     layer.prepare_fast(release_codes=True)
