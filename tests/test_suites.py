@@ -256,18 +256,21 @@ def test_eos_token_id_zero_is_kept():
     assert eos_token_ids(model(None), SimpleNamespace(eos_token_id=None)) == []
 
 
-@pytest.mark.parametrize("scheme", ["w8", "w4g32-asym", "w8a8"])
+@pytest.mark.parametrize("scheme", ["w8", "w4g32-asym", "w8a8", "w8a8-static"])
 def test_dequantized_once_is_bitwise_exact(tiny_models, tmp_path, scheme):
     """Caching each QuantLinear's dequantized weight changes no bit of logits or greedy outputs."""
     import quantship
     from quantship.evaluate.fastpath import dequantized_once
     from quantship.formats.linear import QuantLinear
 
-    art = quantship.quantize(str(tiny_models["llama"]), scheme, out=tmp_path / scheme, progress=False,
-                             log=lambda *a: None)
+    art = quantship.quantize(str(tiny_models["llama"]), scheme.removesuffix("-static"), out=tmp_path / scheme,
+                             progress=False, log=lambda *a: None)
     model, tok = quantship.load(art)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert layers
+    if scheme.endswith("-static"):  # one calibrated activation scale per layer instead of per token
+        for m in layers:
+            m.set_act_scale(0.02)
     ids = torch.tensor([tok("The quick brown fox jumps over")["input_ids"]])
     items = [Item(id=str(i), checker="qa", prompt=p, answers=("x",), max_tokens=8)
              for i, p in enumerate(["The quick brown", "def add(a, b):", "Quantization maps"])]

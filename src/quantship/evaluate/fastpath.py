@@ -23,14 +23,10 @@ def _cached_reference(weight: torch.Tensor):
     cache: dict[torch.dtype, torch.Tensor] = {}
 
     def kernel(layer, x: torch.Tensor) -> torch.Tensor:
-        from ..formats.linear import fake_quantize_per_token
-
         w = cache.get(x.dtype)
         if w is None:
             w = cache[x.dtype] = weight.to(x.dtype)
-        if layer.scheme.act_bits:
-            x = fake_quantize_per_token(x, layer.scheme.act_bits)
-        return F.linear(x, w, layer.bias.to(x.dtype) if layer.bias is not None else None)
+        return F.linear(layer.fake_quantize_input(x), w, layer.bias.to(x.dtype) if layer.bias is not None else None)
 
     return kernel
 

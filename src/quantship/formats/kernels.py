@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from .linear import quantize_activations
+
 KernelFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor | None]
 
 
@@ -97,12 +99,8 @@ def _w8a8_int(layer, x: torch.Tensor) -> torch.Tensor | None:
     x2 = x.reshape(-1, layer.in_features).float()
     if x2.shape[0] > state["max_rows"]:
         return None  # the reference path is faster for more rows (see the module docstring)
-    if layer.act_scale is not None:
-        x_scale = layer.act_scale  # (1,) static
-    else:
-        x_scale = x2.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0  # (M, 1), as the reference
-    x_q = torch.round(x2 / x_scale).clamp_(-127, 127).to(torch.int8)  # (M, K)
-    acc = torch._int_mm(x_q, state["w_int8_t"])  # (M, N) int32, exact
+    codes, x_scale = quantize_activations(x2, 8, layer.act_scale)  # the reference's codes; (1,) or (M, 1)
+    acc = torch._int_mm(codes.to(torch.int8), state["w_int8_t"])  # (M, N) int32, exact
     y = acc.float().mul_(x_scale).mul_(state["scales"])
     if layer.bias is not None:
         y = y.add_(state["bias"])

@@ -126,26 +126,26 @@ class QuantLinear(nn.Module):
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantize().to(x.dtype)
-        if self.scheme.act_bits:
-            if self.act_scale is not None:
-                x = fake_quantize_static(x, self.act_scale.to(x.dtype), self.scheme.act_bits)
-            else:
-                x = fake_quantize_per_token(x, self.scheme.act_bits)
-        return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
+        return F.linear(self.fake_quantize_input(x), w, self.bias.to(x.dtype) if self.bias is not None else None)
+
+    def fake_quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x as this layer's integer activations see it, dequantized; x itself for weight-only schemes."""
+        if not self.scheme.act_bits:
+            return x
+        static = self.act_scale.to(x.dtype) if self.act_scale is not None else None
+        codes, scale = quantize_activations(x, self.scheme.act_bits, static)
+        return codes * scale
 
     def extra_repr(self) -> str:
         act = ", act=static" if self.act_scale is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}{act}"
 
 
-def fake_quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric dynamic per-token activation quantization, returned dequantized (reference for w8a8)."""
+def quantize_activations(x: torch.Tensor, bits: int, static_scale: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric activation quantization -> (integer codes held as floats, scale): one calibrated
+    scale (static w8a8), or per token from its absmax when static_scale is None (dynamic).
+    The single definition shared by the reference path, evaluation's fast path and the int8 kernel."""
     qmax = (1 << (bits - 1)) - 1
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
-    return torch.round(x / scale).clamp(-qmax, qmax) * scale
-
-
-def fake_quantize_static(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric activation quantization with one calibrated scale, returned dequantized (static w8a8)."""
-    qmax = (1 << (bits - 1)) - 1
-    return torch.round(x / scale).clamp(-qmax, qmax) * scale
+    scale = static_scale if static_scale is not None else x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
+    return torch.round(x / scale).clamp(-qmax, qmax), scale
