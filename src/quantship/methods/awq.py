@@ -105,13 +105,12 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, scheme: Scheme, params: AWQPar
 
 def _layout(block, group) -> tuple[int, int] | None:
     """(n_rep, head_dim) mapping group.prev's channels onto its linears' inputs; None if not foldable."""
-    from .fold import consumer_layout
+    from .fold import group_layout
 
     try:
-        layouts = {consumer_layout(block, group, n) for n in group.linears}
+        return group_layout(block, group)
     except ValueError:
         return None
-    return layouts.pop() if len(layouts) == 1 else None
 
 
 def awq_block_solver(scheme: Scheme, params: AWQParams, report: dict, use_gptq: bool):

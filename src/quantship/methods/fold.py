@@ -56,6 +56,15 @@ def consumer_layout(block: nn.Module, group: ScaleGroup, consumer: str) -> tuple
     return n_in // n_prev, head_dim
 
 
+def group_layout(block: nn.Module, group: ScaleGroup) -> tuple[int, int]:
+    """The (n_rep, head_dim) layout that all of group.linears share; ValueError if they differ."""
+    layouts = {consumer_layout(block, group, name) for name in group.linears}
+    if len(layouts) != 1:
+        raise ValueError(f"the linears fed by {group.prev} ({', '.join(group.linears)}) see its channels "
+                         f"in different layouts {sorted(layouts)}; one scale cannot serve them")
+    return layouts.pop()
+
+
 def expand_to_consumer(s: torch.Tensor, n_rep: int, head_dim: int) -> torch.Tensor:
     """(kv_heads * head_dim,) -> (kv_heads * n_rep * head_dim,): repeat each KV head's block n_rep times."""
     if n_rep == 1:

@@ -31,7 +31,7 @@ import torch
 
 from ..formats.grid import QuantizedWeight, quantize_weight
 from ..formats.scheme import Scheme
-from .fold import consumer_layout, fold_input_scale, reduce_to_prev, expand_to_consumer
+from .fold import expand_to_consumer, fold_input_scale, group_layout, reduce_to_prev
 from .registry import Method, register_method
 
 
@@ -66,7 +66,7 @@ def _smooth_group(ctx, group: tuple[str, ...], scale_group, params: SmoothQuantP
     """Compute and fold one group's scale. -> (s expanded to the linears' inputs, statistics)."""
     from ..pipeline import linear_weight
 
-    n_rep, head_dim = consumer_layout(ctx.block, scale_group, group[0])
+    n_rep, head_dim = group_layout(ctx.block, scale_group)
     act_max = reduce_to_prev(ctx.stats[group].abs_max, n_rep, head_dim)  # (prev out,)
     w_max = torch.stack([reduce_to_prev(linear_weight(ctx.block.get_submodule(n)).float().abs().amax(0),
                                         n_rep, head_dim) for n in group]).amax(0)
