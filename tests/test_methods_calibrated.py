@@ -15,8 +15,8 @@ from quantship.calib.sources import parse_source_spec
 from quantship.cli import main as cli_main
 from quantship.formats.grid import quantize_weight
 from quantship.formats.scheme import parse_scheme
-from quantship.methods.gptq import (CholeskyFailed, GPTQParams, gptq_quantize, inverse_hessian_factor,
-                                    layer_output_error, quantize_group_gptq)
+from quantship.methods.gptq import (CholeskyFailed, GPTQParams, gptq_quantize, hessian_clip_search,
+                                    inverse_hessian_factor, layer_output_error, quantize_group_gptq)
 from quantship.specs import QuantSpec
 
 from conftest import build_tiny_model
@@ -52,9 +52,32 @@ def test_gptq_with_identity_hessian_is_round_to_nearest(scheme):
     # Uncorrelated unit inputs: no error is fed forward, so GPTQ must pick exactly RTN's codes.
     w = torch.randn(40, 64, generator=torch.Generator().manual_seed(2))
     sc = parse_scheme(scheme)
-    qw, _ = gptq_quantize(w, torch.eye(64), sc, GPTQParams(percdamp=0.0))
+    qw, _ = gptq_quantize(w, torch.eye(64), sc, GPTQParams(percdamp=0.0, clip_search=False))
     ref = quantize_weight(sc, w)
     assert torch.equal(qw.codes, ref.codes) and torch.equal(qw.scale, ref.scale)
+
+
+@pytest.mark.parametrize("scheme", ["w4", "w3g32", "w4g32-asym"])
+def test_hessian_clip_search_never_raises_the_weighted_rounding_error(scheme):
+    x = correlated_inputs()
+    h = x.t() @ x / x.shape[0]
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 128, generator=g) * 0.05
+    w[torch.rand(w.shape, generator=g) < 0.01] *= 12.0  # a few outlier weights: full range wastes levels
+    sc = parse_scheme(scheme)
+    ratio = hessian_clip_search(w, h, sc, grid=20, clip_min=0.5)
+    assert ratio.shape == quantize_weight(sc, w).scale.shape and (ratio <= 1).all() and (ratio >= 0.5).all()
+    assert (ratio < 1).any()
+    assert layer_output_error(w, quantize_weight(sc, w, ratio), h) < layer_output_error(w, quantize_weight(sc, w), h)
+    qw, _ = gptq_quantize(w, h, sc, GPTQParams(clip_search=True))
+    assert torch.isfinite(qw.dequantize()).all()
+    assert layer_output_error(w, qw, h) < layer_output_error(w, quantize_weight(sc, w, ratio), h)
+
+
+@pytest.mark.parametrize("bad", [{"clip_grid": 1}, {"clip_min": 0.0}, {"clip_min": 1.0}])
+def test_gptq_clip_params_are_validated(bad):
+    with pytest.raises(ValueError, match="clip"):
+        GPTQParams(**bad)
 
 
 def test_gptq_act_order_keeps_the_plain_group_layout():
@@ -62,9 +85,11 @@ def test_gptq_act_order_keeps_the_plain_group_layout():
     h = x.t() @ x / x.shape[0]
     w = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
     sc = parse_scheme("w4g32")
-    qw, _ = gptq_quantize(w, h, sc, GPTQParams(act_order=True))
+    qw, _ = gptq_quantize(w, h, sc, GPTQParams(act_order=True, clip_search=False))
     # static groups: each group's scale comes from the original columns of that group
     assert torch.equal(qw.scale, quantize_weight(sc, w).scale)
+    clipped, _ = gptq_quantize(w, h, sc, GPTQParams(act_order=True))  # ... as shrunk by the range search
+    assert torch.equal(clipped.scale, quantize_weight(sc, w, hessian_clip_search(w, h, sc, 20, 0.5)).scale)
     # and the codes decode in place, column i of the matrix is column i of the weight
     assert (qw.dequantize() - w).abs().max() <= qw.scale.abs().max() * 8
 

@@ -195,6 +195,26 @@ def test_smoothquant_reports_statistics_and_smooths_outliers(tiny_models):
     assert only_norm.extra["smoothquant"]["summary"]["smoothed_groups"] == 4
 
 
+def test_smoothquant_weight_only_layers_make_a_mixed_precision_artifact(tiny_models, tmp_path):
+    src = tiny_models["llama"]
+    out = quantship.quantize(src, "w8a8", method="smoothquant", calib_samples=8, calib_seqlen=32,
+                             method_params={"weight_only": "down_proj"}, out=tmp_path / "mixed", **QUIET)
+    manifest = quantship.verify(out)
+    schemes = {name: info["scheme"] for name, info in manifest["modules"].items()}
+    assert {s for n, s in schemes.items() if n.endswith("down_proj")} == {"w8"}
+    assert {s for n, s in schemes.items() if not n.endswith("down_proj")} == {"w8a8"}
+    sq = manifest["method_report"]["smoothquant"]
+    assert sq["summary"]["weight_only_linears"] == 2 and sq["summary"]["smoothed_groups"] == 6  # no up -> down
+    model, _ = quantship.load(out)
+    by_name = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    down = by_name["model.layers.0.mlp.down_proj"]
+    x = torch.randn(3, down.in_features)
+    assert torch.equal(down.fake_quantize_input(x), x)  # float activations
+    q = by_name["model.layers.0.self_attn.q_proj"]
+    y = torch.randn(3, q.in_features)
+    assert not torch.equal(q.fake_quantize_input(y), y)  # int8 activations
+
+
 def test_smoothquant_static_activation_scales_round_trip(tiny_models, tmp_path):
     src = tiny_models["qwen2"]
     result = quantship.quantize(src, "w8a8", method="smoothquant", calib_samples=8, calib_seqlen=32,

@@ -47,7 +47,7 @@ class AWQParams:
 
 @dataclass(frozen=True)
 class AWQGPTQParams(AWQParams):
-    clip: bool = False  # GPTQ's error feedback handles the range itself
+    clip: bool = True  # GPTQ's own range search, Hessian-weighted (GPTQParams.clip_search)
     percdamp: float = 0.1
     block_size: int = 128
     act_order: bool = True
@@ -55,7 +55,8 @@ class AWQGPTQParams(AWQParams):
 
     def gptq(self) -> GPTQParams:
         return GPTQParams(percdamp=self.percdamp, block_size=self.block_size, act_order=self.act_order,
-                          max_damp_retries=self.max_damp_retries, batch_size=self.batch_size)
+                          max_damp_retries=self.max_damp_retries, batch_size=self.batch_size,
+                          clip_search=self.clip, clip_grid=self.clip_grid, clip_min=self.clip_min)
 
 
 def _fake_quant(scheme: Scheme, w: torch.Tensor, clip=1.0) -> torch.Tensor:

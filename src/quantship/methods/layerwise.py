@@ -2,8 +2,8 @@
 the block, re-run it with the quantized weights to make block i+1's inputs (as the reference
 GPTQ does), so errors of earlier blocks are seen by later ones.
 
-Memory stays near the model plus one copy of the calibration hidden states (replaced in place
-block by block) plus per-group statistics. Block call arguments (masks, rotary embeddings) are
+Memory stays near the model plus one copy of the calibration hidden states (replaced in place,
+batch by batch) plus per-group statistics. Block call arguments (masks, rotary embeddings) are
 captured per block from one real forward, because some families (Gemma 3) give different
 blocks different masks and position embeddings.
 """
@@ -219,11 +219,9 @@ def run_layerwise(model: nn.Module, facts: ArchFacts, targets: dict[str, nn.Modu
                 _load_dequantized(block.get_submodule(rel), qw)
                 chosen[f"{prefix}.{rel}"] = qw
             t_solve = time.perf_counter()
-        with torch.no_grad():
-            outs = run_block()
-        for k, out in enumerate(outs):  # in place: block i's outputs are block i+1's inputs
-            hidden[k] = out
-        del outs
+        with torch.no_grad():  # in place, batch by batch: block i's outputs are block i+1's inputs
+            for k, call in enumerate(calls):  # (so one copy of the calibration states is ever held)
+                hidden[k] = _first_output(block(hidden[k], *call[0], **call[1]))
         release_free_memory()
         t_end = time.perf_counter()
         phases = {"stats_s": round(t_stats - t0, 3), "solve_s": round(t_solve - t_stats, 3),

@@ -21,11 +21,16 @@ smooths only the norm-fed groups (`groups="norm"`). Linears without a foldable p
 (GPT-2's c_proj, Phi-3's o_proj/down_proj) are quantized without smoothing. Statistics come
 from the layer-by-layer pipeline (methods/layerwise.py), so block i sees the inputs produced
 by the already-quantized blocks before it.
+
+Mixed precision (`weight_only="down_proj"`): the named linears keep int8 per-channel weights
+but float activations (the `w8` scheme, recorded per module in the manifest); their groups are
+not smoothed. On SmolLM2-135M the down_proj inputs (SiLU(gate) * up) carry the outliers that
+per-token int8 cannot hold even after smoothing (docs/results/methods.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -42,6 +47,9 @@ class SmoothQuantParams:
     static_act: bool = False  # one calibrated per-tensor activation scale per linear (else per token)
     min_value: float = 1e-5  # floor of max|X_j| and max|W_j| (dead channels)
     batch_size: int = 8  # calibration windows per block forward
+    # comma-separated linear names (e.g. "down_proj") kept int8 weight-only (w8, float activations):
+    # mixed precision for the layers whose inputs keep outliers that smoothing cannot absorb
+    weight_only: str = ""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -50,6 +58,10 @@ class SmoothQuantParams:
             raise ValueError(f"groups must be 'all' or 'norm', got {self.groups!r}")
         if self.min_value <= 0 or self.batch_size < 1:
             raise ValueError("min_value must be > 0 and batch_size >= 1")
+
+    def is_weight_only(self, relative_name: str) -> bool:
+        names = [n.strip() for n in self.weight_only.split(",") if n.strip()]
+        return any(relative_name == n or relative_name.endswith("." + n) for n in names)
 
 
 def smoothing_scale(act_max: torch.Tensor, w_max: torch.Tensor, alpha: float, floor: float) -> torch.Tensor:
@@ -81,15 +93,17 @@ def _smooth_group(ctx, group: tuple[str, ...], scale_group, params: SmoothQuantP
 def smoothquant_block_solver(scheme: Scheme, params: SmoothQuantParams, report: dict):
     from ..pipeline import linear_weight
 
-    stats_report = report.setdefault("smoothquant", {"groups": {}, "unsmoothed": []})
+    stats_report = report.setdefault("smoothquant", {"groups": {}, "unsmoothed": [], "weight_only": []})
+    weight_only_scheme = replace(scheme, act_bits=None)  # same int8 per-channel weights, float activations
 
     def solve(ctx) -> dict[str, QuantizedWeight]:
         scales: dict[tuple[str, ...], torch.Tensor] = {}
         for group in ctx.groups:  # forward order; folding only rescales, so all scales go in first
             sg = ctx.group_prev.get(group)
             key = f"{ctx.prefix}:{','.join(group)}"
+            # weight-only layers read float activations: smoothing would only make their weights harder
             if sg is None or tuple(sg.linears) != group or (params.groups == "norm" and sg.prev_kind != "norm") \
-                    or params.alpha == 0.0:
+                    or params.alpha == 0.0 or all(params.is_weight_only(n) for n in group):
                 stats_report["unsmoothed"].append(key)
                 continue
             scales[group], stats_report["groups"][key] = _smooth_group(ctx, group, sg, params)
@@ -98,7 +112,12 @@ def smoothquant_block_solver(scheme: Scheme, params: SmoothQuantParams, report: 
             s = scales.get(group)
             act_max = ctx.stats[group].abs_max if s is None else ctx.stats[group].abs_max / s
             for name in group:
-                qw = quantize_weight(scheme, linear_weight(ctx.block.get_submodule(name)).float())
+                weight = linear_weight(ctx.block.get_submodule(name)).float()
+                if params.is_weight_only(name):
+                    chosen[name] = quantize_weight(weight_only_scheme, weight)
+                    stats_report["weight_only"].append(f"{ctx.prefix}.{name}")
+                    continue
+                qw = quantize_weight(scheme, weight)
                 if params.static_act:
                     qw.act_scale = (act_max.max().clamp_min(params.min_value) / 127.0).reshape(1)
                 chosen[name] = qw
@@ -127,6 +146,7 @@ def _summarise(sq: dict) -> None:
     before = torch.tensor([g["act_outlier_ratio"] for g in groups.values()])
     after = torch.tensor([g["act_outlier_ratio_smoothed"] for g in groups.values()])
     sq["summary"] = {"smoothed_groups": len(groups), "unsmoothed_groups": len(sq.get("unsmoothed", [])),
+                     "weight_only_linears": len(sq.get("weight_only", [])),
                      "act_outlier_ratio_median": round(before.median().item(), 2),
                      "act_outlier_ratio_smoothed_median": round(after.median().item(), 2),
                      "act_outlier_ratio_max": round(before.max().item(), 2),
