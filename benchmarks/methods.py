@@ -25,14 +25,15 @@ from quantship.fsutil import atomic_write_json, atomic_write_text
 from quantship.models.builtin import model_dir, pull
 
 QUANTIZE = """
-import json, resource, sys, time
+import json, sys, time
 import quantship
+from quantship.memory import peak_rss_bytes
 model, scheme, method, out, n, seqlen = sys.argv[1:7]
 t = time.perf_counter()
 quantship.quantize(model, scheme, method=method, out=out, overwrite=True, progress=False,
                    calib_samples=int(n), calib_seqlen=int(seqlen), log=lambda *a, **k: None)
 print(json.dumps({"wall_s": time.perf_counter() - t,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss_bytes": peak_rss_bytes()}))
 """
 
 

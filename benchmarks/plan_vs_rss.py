@@ -4,7 +4,7 @@
 
 Each case runs in a fresh subprocess (peak RSS is a high-water mark of the whole process):
 load the default model (fp32) into an Engine with a float32 KV cache of batch x ctx, send
-`batch` requests whose prompt + output fill the context, and read ru_maxrss. The prediction
+`batch` requests whose prompt + output fill the context, and read the peak RSS (VmHWM). The prediction
 is bench.plan's `predicted_peak_bytes` for the same model, scheme, KV type, batch and context
 (weights + KV + activations of the step + the runtime's own memory). Target: within 15%.
 """
@@ -24,7 +24,7 @@ OUTPUT_TOKENS = 16
 
 def child(batch: int, ctx: int, scheme_path: str) -> dict:
     """Runs in the subprocess: runtime RSS after imports, then peak RSS after filling the cache."""
-    from quantship.bench.single import peak_rss_bytes
+    from quantship.memory import peak_rss_bytes
 
     import torch  # noqa: F401  (the runtime's own memory is measured after the imports)
     import transformers  # noqa: F401

@@ -152,7 +152,7 @@ def _single(engine, spec: BenchSpec, load_s: float, bandwidth: float | None, pro
 def _load(engine, spec: BenchSpec, load_s: float, bandwidth: float | None, progress: bool) -> dict:
     from ..engine import SamplingParams
     from .load import run_load
-    from .single import peak_rss_bytes
+    from ..memory import peak_rss_bytes
     from .workload import poisson_arrivals
 
     prompts, out_lens = make_workload(spec, engine.tokenizer)

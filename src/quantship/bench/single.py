@@ -10,16 +10,10 @@
 
 from __future__ import annotations
 
-import resource
 import statistics
-import sys
 import time
 
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
+from ..memory import peak_rss_bytes
 
 
 def _one_run(engine, prompt: list[int], output_len: int, params_cls) -> tuple[float, list[float]]:

@@ -10,11 +10,8 @@ blocks different masks and position embeddings.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
-import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -24,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats.grid import QuantizedWeight
+from ..memory import peak_rss_bytes, release_free_memory, rss_bytes
 from ..models.arch import ArchFacts
 
 log = logging.getLogger(__name__)
@@ -96,28 +94,6 @@ class BlockContext:
 
 # solve(ctx) -> {relative linear name: QuantizedWeight}; may rescale the block's float weights first.
 BlockSolver = Callable[[BlockContext], dict[str, QuantizedWeight]]
-
-
-def release_free_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise, so the block-by-block
-    transients would add up in RSS); a no-op where malloc_trim does not exist."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-    except OSError:
-        return 0
-
-
-def peak_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def _first_output(out):
