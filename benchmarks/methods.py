@@ -3,6 +3,7 @@ w4 (per-channel), w4g64 and w3g64 -- perplexity, KLD, top-1, quantization time a
 
     .venv/bin/python benchmarks/methods.py [--schemes w4,w4g64,w3g64] [--methods rtn,gptq,...]
         [--calib-samples 128] [--calib-seqlen 512] [--max-windows 40] [--out docs/results] [--resume]
+    w8a8 rows: --schemes w8a8 --methods rtn,smoothquant,smoothquant:weight_only=down_proj
 
 Each quantization runs in its own process (so its peak RSS is its own); evaluation runs here
 against one loaded baseline. Rows are saved after each run (methods.json); --resume skips rows
@@ -28,25 +29,39 @@ QUANTIZE = """
 import json, sys, time
 import quantship
 from quantship.memory import peak_rss_bytes
-model, scheme, method, out, n, seqlen = sys.argv[1:7]
+model, scheme, method, params, out, n, seqlen = sys.argv[1:8]
 t = time.perf_counter()
-quantship.quantize(model, scheme, method=method, out=out, overwrite=True, progress=False,
-                   calib_samples=int(n), calib_seqlen=int(seqlen), log=lambda *a, **k: None)
+quantship.quantize(model, scheme, method=method, method_params=json.loads(params), out=out, overwrite=True,
+                   progress=False, calib_samples=int(n), calib_seqlen=int(seqlen), log=lambda *a, **k: None)
 print(json.dumps({"wall_s": time.perf_counter() - t,
                   "peak_rss_bytes": peak_rss_bytes()}))
 """
 
 
+def parse_method(spec: str) -> tuple[str, dict]:
+    """'smoothquant:weight_only=down_proj;alpha=0.5' -> ('smoothquant', {...}); values JSON where they parse."""
+    name, _, rest = spec.partition(":")
+    params = {}
+    for item in filter(None, rest.split(";")):
+        key, _, value = item.partition("=")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return name, params
+
+
 def quantize_in_subprocess(model: str, scheme: str, method: str, out: Path, samples: int, seqlen: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", QUANTIZE, model, scheme, method, str(out), str(samples), str(seqlen)],
-                          capture_output=True, text=True)
+    name, params = parse_method(method)
+    proc = subprocess.run([sys.executable, "-c", QUANTIZE, model, scheme, name, json.dumps(params), str(out),
+                           str(samples), str(seqlen)], capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{method} {scheme} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def gap_closed(rows: list[dict], scheme: str, method: str) -> float | None:
-    by = {r["method"]: r for r in rows if r["scheme"] == scheme}
+    by = {r["method"]: r for r in rows if r["scheme"] == scheme}  # w8a8's rtn row is the naive one
     if "rtn" not in by or method not in by:
         return None
     base, rtn, m = by["rtn"]["ppl_base"], by["rtn"]["ppl"], by[method]["ppl"]
@@ -81,7 +96,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--schemes", default="w4,w4g64,w3g64")
-    ap.add_argument("--methods", default="rtn,gptq,awq,awq+gptq,hqq")
+    ap.add_argument("--methods", default="rtn,gptq,awq,awq+gptq,hqq",
+                    help="comma-separated; parameters after a colon: 'smoothquant:weight_only=down_proj;alpha=0.5'")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=40)
@@ -103,7 +119,7 @@ def main() -> None:
         for method in args.methods.split(","):
             if (scheme, method) in done:
                 continue
-            out = Path("out/bench-methods") / f"{scheme}-{method.replace('+', '-')}"
+            out = Path("out/bench-methods") / f"{scheme}-{''.join(c if c.isalnum() else '-' for c in method)}"
             started = time.perf_counter()
             q = quantize_in_subprocess(args.model, scheme, method, out, args.calib_samples, args.calib_seqlen)
             manifest = quantship.verify(out)
