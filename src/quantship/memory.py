@@ -40,3 +40,18 @@ def release_free_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+class HeapTrimmer:
+    """Calls release_free_memory once RSS has grown `slack_bytes` past its level after the last
+    trim: a loop that frees large temporaries keeps its RSS near the live data without paying
+    for a trim (and the page faults that follow it) on every iteration."""
+
+    def __init__(self, slack_bytes: int = 128 * 2**20):
+        self.slack = slack_bytes
+        self.floor = rss_bytes()
+
+    def __call__(self) -> None:
+        if rss_bytes() > self.floor + self.slack:
+            release_free_memory()
+            self.floor = rss_bytes()
