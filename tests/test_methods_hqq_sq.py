@@ -215,6 +215,12 @@ def test_smoothquant_weight_only_layers_make_a_mixed_precision_artifact(tiny_mod
     assert not torch.equal(q.fake_quantize_input(y), y)  # int8 activations
 
 
+def test_smoothquant_weight_only_typo_is_a_clear_error(tiny_models):
+    with pytest.raises(ValueError, match=r"weight_only='dwn_proj' matches no layer.*down_proj"):
+        quantship.quantize(tiny_models["llama"], "w8a8", method="smoothquant", calib_samples=4, calib_seqlen=16,
+                           method_params={"weight_only": "dwn_proj"}, **QUIET)
+
+
 def test_smoothquant_static_activation_scales_round_trip(tiny_models, tmp_path):
     src = tiny_models["qwen2"]
     result = quantship.quantize(src, "w8a8", method="smoothquant", calib_samples=8, calib_seqlen=32,

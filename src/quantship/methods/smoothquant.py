@@ -131,6 +131,11 @@ def run(model, targets, scheme: Scheme, params: SmoothQuantParams, calib, *, pro
     from .layerwise import run_layerwise_with_leftovers
 
     report = report if report is not None else {}
+    for entry in filter(None, (n.strip() for n in params.weight_only.split(","))):
+        if not any(name == entry or name.endswith("." + entry) for name in targets):
+            leaf_names = sorted({name.rsplit(".", 1)[-1] for name in targets})
+            raise ValueError(f"smoothquant weight_only={entry!r} matches no layer to quantize; "
+                             f"linear names here: {', '.join(leaf_names)}")
     chosen = run_layerwise_with_leftovers(
         model, targets, calib, smoothquant_block_solver(scheme, params, report), scheme=scheme,
         batch_size=params.batch_size, want_hessian=False, progress=progress, report=report,
