@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 
 from .formats.grid import QuantizedWeight
 from .formats.linear import QuantLinear
-from .memory import HeapTrimmer
 from .formats.scheme import Scheme
+from .memory import HeapTrimmer
 from .methods.registry import get_method
 from .models.arch import ArchFacts, arch_facts
 from .specs import QuantSpec

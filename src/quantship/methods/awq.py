@@ -26,6 +26,7 @@ from ..formats.grid import QuantizedWeight, group_view, quantize_weight
 from ..formats.scheme import Scheme
 from .gptq import GPTQParams, quantize_group_gptq
 from .registry import Method, register_method
+from .rtn import best_clip_ratio
 
 
 @dataclass(frozen=True)
@@ -92,16 +93,9 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, scheme: Scheme, params: AWQPar
     if scheme.granularity == "tensor":
         return torch.ones(1, 1)
     xg = x.reshape(x.shape[0], wg.shape[1], wg.shape[2])  # (T, G1, L)
-    best_err = torch.full(wg.shape[:2], float("inf"))
-    best = torch.ones(wg.shape[:2])
-    for ratio in torch.linspace(1.0, params.clip_min, params.clip_grid).tolist():
-        dq = group_view(_fake_quant(scheme, w, ratio), scheme)
-        # per (row, group): sum over tokens of (sum over the group's inputs of (W - Q) x)^2
-        err = torch.einsum("ogl,tgl->ogt", wg - dq, xg).pow(2).sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, torch.full_like(best, ratio), best)
-    return best
+    # per (row, group): sum over tokens of (sum over the group's inputs of (W - Q) x)^2
+    return best_clip_ratio(scheme, w, params.clip_grid, params.clip_min,
+                           lambda d: torch.einsum("ogl,tgl->ogt", group_view(d, scheme), xg).pow(2).sum(-1))
 
 
 def _layout(block, group) -> tuple[int, int] | None:

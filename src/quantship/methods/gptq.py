@@ -113,7 +113,7 @@ def hessian_clip_search(w: torch.Tensor, h: torch.Tensor, scheme: Scheme, grid: 
     """Per-group range shrink r in [clip_min, 1] minimising the rounding error as the layer's
     output sees it, d_g H_gg d_g^T with d = W - Q(W; r) and H_gg the group's diagonal block of
     the input Hessian (plain weight MSE would treat a dead input like an outlier's). -> (G0, G1)."""
-    from ..formats.grid import quantize_weight
+    from .rtn import best_clip_ratio
 
     out_f, in_f = w.shape
     if scheme.granularity == "group":
@@ -127,16 +127,7 @@ def hessian_clip_search(w: torch.Tensor, h: torch.Tensor, scheme: Scheme, grid: 
         def error(d):
             e = ((d @ h) * d).sum(1, keepdim=True)  # (out, 1)
             return e if scheme.granularity == "channel" else e.sum().reshape(1, 1)
-    best_err, best_ratio = None, None
-    for ratio in torch.linspace(1.0, clip_min, grid).tolist():
-        err = error(w - quantize_weight(scheme, w, ratio).dequantize())
-        if best_err is None:
-            best_err, best_ratio = err, torch.ones_like(err)
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
-    return best_ratio
+    return best_clip_ratio(scheme, w, grid, clip_min, error)
 
 
 def _group_params(scheme: Scheme, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -184,7 +175,6 @@ def _gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: Scheme, params: GPT
         n_groups = in_f // group_len
         scale_all = torch.zeros(out_f, n_groups)
         offset_all = torch.zeros(out_f, n_groups) if not scheme.symmetric and scheme.kind == "int" else None
-    lazy_groups = not static
 
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if params.act_order else None
     if perm is not None:
@@ -203,7 +193,7 @@ def _gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: Scheme, params: GPT
             col = i1 + j
             orig = perm[col].item() if perm is not None else col
             g = orig // group_len if scheme.granularity == "group" else 0
-            if lazy_groups and orig % group_len == 0:
+            if not static and orig % group_len == 0:
                 # the group's columns as they are now (earlier errors already pushed onto them)
                 cols = w1[j: j + group_len].t() if j + group_len <= i2 - i1 else \
                     torch.cat((w1[j:].t(), w[:, i2:]), dim=1)[:, :group_len]

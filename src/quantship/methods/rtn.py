@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -24,19 +25,26 @@ class RTNParams:
             raise ValueError(f"clip_min must be in (0, 1), got {self.clip_min}")
 
 
-def clip_search(w: torch.Tensor, scheme: Scheme, params: RTNParams) -> torch.Tensor:
-    """Per-group ratio r in [clip_min, 1] minimising ||W - Q(W; r)||^2. -> (G0, G1) ratios."""
-    w = w.detach().float()
-    w_groups = group_view(w, scheme)  # (G0, G1, L)
-    best_err = torch.full(w_groups.shape[:2], float("inf"))
-    best_ratio = torch.ones(w_groups.shape[:2])
-    for ratio in torch.linspace(1.0, params.clip_min, params.clip_grid).tolist():
-        w_q = group_view(quantize_weight(scheme, w, ratio).dequantize(), scheme)
-        err = (w_q - w_groups).pow(2).sum(dim=-1)  # (G0, G1)
+def best_clip_ratio(scheme: Scheme, w: torch.Tensor, grid: int, clip_min: float,
+                    error: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Per-group range shrink r among `grid` ratios from 1.0 down to clip_min that minimises
+    error(W - Q(W; r)) -> (G0, G1); the one search RTN, AWQ and GPTQ share, each with its error."""
+    best_err, best_ratio = None, None
+    for ratio in torch.linspace(1.0, clip_min, grid).tolist():
+        err = error(w - quantize_weight(scheme, w, ratio).dequantize())
+        if best_err is None:
+            best_err, best_ratio = torch.full_like(err, float("inf")), torch.ones_like(err)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
     return best_ratio
+
+
+def clip_search(w: torch.Tensor, scheme: Scheme, params: RTNParams) -> torch.Tensor:
+    """Per-group ratio r in [clip_min, 1] minimising ||W - Q(W; r)||^2. -> (G0, G1) ratios."""
+    w = w.detach().float()
+    return best_clip_ratio(scheme, w, params.clip_grid, params.clip_min,
+                           lambda d: group_view(d, scheme).pow(2).sum(dim=-1))
 
 
 def rtn_quantize_weight(w: torch.Tensor, scheme: Scheme, params: RTNParams) -> QuantizedWeight:

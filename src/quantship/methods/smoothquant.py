@@ -59,9 +59,16 @@ class SmoothQuantParams:
         if self.min_value <= 0 or self.batch_size < 1:
             raise ValueError("min_value must be > 0 and batch_size >= 1")
 
-    def is_weight_only(self, relative_name: str) -> bool:
-        names = [n.strip() for n in self.weight_only.split(",") if n.strip()]
-        return any(relative_name == n or relative_name.endswith("." + n) for n in names)
+    def weight_only_names(self) -> list[str]:
+        return [n.strip() for n in self.weight_only.split(",") if n.strip()]
+
+    def is_weight_only(self, linear_name: str) -> bool:
+        return any(_names_linear(entry, linear_name) for entry in self.weight_only_names())
+
+
+def _names_linear(entry: str, linear_name: str) -> bool:
+    """A weight_only entry names a linear by its full or trailing dotted name ("down_proj", "mlp.down_proj")."""
+    return linear_name == entry or linear_name.endswith("." + entry)
 
 
 def smoothing_scale(act_max: torch.Tensor, w_max: torch.Tensor, alpha: float, floor: float) -> torch.Tensor:
@@ -131,8 +138,8 @@ def run(model, targets, scheme: Scheme, params: SmoothQuantParams, calib, *, pro
     from .layerwise import run_layerwise_with_leftovers
 
     report = report if report is not None else {}
-    for entry in filter(None, (n.strip() for n in params.weight_only.split(","))):
-        if not any(name == entry or name.endswith("." + entry) for name in targets):
+    for entry in params.weight_only_names():
+        if not any(_names_linear(entry, name) for name in targets):
             leaf_names = sorted({name.rsplit(".", 1)[-1] for name in targets})
             raise ValueError(f"smoothquant weight_only={entry!r} matches no layer to quantize; "
                              f"linear names here: {', '.join(leaf_names)}")
