@@ -22,6 +22,7 @@ $(STAMP): $(PY) pyproject.toml
 
 setup: $(STAMP)
 	$(VENV)/bin/quantship model pull smollm2-135m
+	$(PY) -m quantship.native
 
 run: setup
 	$(VENV)/bin/quantship demo

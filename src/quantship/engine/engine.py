@@ -18,6 +18,7 @@ import torch
 
 from .forward import LlamaForward
 from .kv_cache import KVCache
+from .native_decode import NativeDecode
 from .params import SamplingParams, TokenEvent
 from .sampling import sample_token
 
@@ -54,6 +55,9 @@ class Engine:
         self.kernels = self._prepare_fast() if fast else {}
         f = self.forward
         self.cache = KVCache(len(f.layers), max_batch, f.n_kv, self.max_seq_len, f.head_dim, kv_cache)
+        if fast:
+            f.native = NativeDecode.build(f, self.cache)
+        self.decode_path = "native" if f.native is not None else "python"
         self.eos_ids = self._eos_ids()
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []  # running[i] occupies cache slot i

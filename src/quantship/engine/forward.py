@@ -54,9 +54,11 @@ class LlamaForward:
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scaling = self.layers[0].self_attn.scaling
+        self.eps = self.layers[0].input_layernorm.variance_epsilon
         self.head = head if head is not None else model.lm_head
         self.qkv: list = [None] * len(self.layers)  # fused (q, k, v) projections, set by fuse()
         self.gate_up: list = [None] * len(self.layers)
+        self.native = None  # a NativeDecode (engine/native_decode.py) replacing decode's layer loop
 
     def fuse(self) -> int:
         """Fuse q/k/v and gate/up of quantized layers; -> number of fused groups."""
@@ -119,6 +121,8 @@ class LlamaForward:
     @torch.inference_mode()
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """ids (n,) last tokens of slots 0..n-1 at `positions` (n,) -> logits (n, V)."""
+        if self.native is not None:
+            return self.native(ids, positions, cache)
         n = ids.shape[0]
         length = int(positions.max()) + 1
         h = self.inner.embed_tokens(ids.unsqueeze(1))  # (n, 1, C)

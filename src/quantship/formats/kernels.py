@@ -57,6 +57,22 @@ def _int8_weight_only(layer, x: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
+def _int8_native(layer, x: torch.Tensor) -> torch.Tensor:
+    state = layer.kernel_state
+    x2 = x.reshape(-1, layer.in_features)
+    if x2.shape[0] >= INT8_DENSE_MIN_ROWS:
+        return _int8_weight_only(layer, x)  # prefill: dequantize once + dense GEMM
+    y = torch.ops.quantship.int8_linear(x2.to(torch.float32).contiguous(), state["w_int8"], state["scales_f32"],
+                                        state["bias_f32"])
+    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+
+def _native_int8_ok(layer) -> bool:
+    from .. import native
+
+    return layer.in_features % 32 == 0 and native.available()
+
+
 def _prepare_int8(layer) -> None:
     layer.kernel_state.update(
         w_int8=layer.qweight.view(torch.int8),  # two's-complement storage: zero-copy
@@ -120,10 +136,13 @@ def _prepare_w8a8(layer) -> None:
 def select_kernel(layer) -> tuple[str, KernelFn | None]:
     """-> (kernel name, fn) for a QuantLinear; ("reference", None) when no fast kernel applies."""
     s = layer.scheme
-    if s.kind == "int" and s.bits == 8 and s.symmetric and s.granularity == "channel" and not s.act_bits \
-            and _has_op("_weight_int8pack_mm"):
-        _prepare_int8(layer)
-        return "int8_weight_only", _int8_weight_only
+    if s.kind == "int" and s.bits == 8 and s.symmetric and s.granularity == "channel" and not s.act_bits:
+        if _native_int8_ok(layer):
+            _prepare_int8(layer)
+            return "int8_native", _int8_native
+        if _has_op("_weight_int8pack_mm"):
+            _prepare_int8(layer)
+            return "int8_weight_only", _int8_weight_only
     if s.kind == "int" and s.bits == 8 and s.symmetric and s.granularity == "channel" and s.act_bits == 8 \
             and _has_op("_int_mm"):
         _prepare_w8a8(layer)

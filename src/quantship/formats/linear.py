@@ -41,6 +41,7 @@ class QuantLinear(nn.Module):
         self.compute_dtype = dtype
         self.kernel_state: dict = {}  # tensors owned by the fast kernel (e.g. repacked weights)
         self.kernel: Callable | None = None  # set by prepare_fast(); None = reference path
+        self.kernel_name = "reference"
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None,
@@ -119,7 +120,7 @@ class QuantLinear(nn.Module):
         from .kernels import select_kernel
 
         name, kernel = select_kernel(self)
-        self.kernel = kernel
+        self.kernel, self.kernel_name = kernel, name
         if kernel is not None and release_codes and self.kernel_state.get("owns_weights"):
             self.qweight = torch.empty(0, dtype=torch.uint8)
         return name

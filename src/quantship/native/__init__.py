@@ -1,0 +1,88 @@
+"""Native CPU kernels (AVX2 + FMA), compiled on first use with torch's extension builder.
+
+`available()` compiles `csrc/*.cpp` once per source hash into the quantship home
+(`native/<hash>/`, reused by later processes) and registers `torch.ops.quantship.*`. Where the CPU lacks
+AVX2, no compiler works, or QUANTSHIP_NATIVE=0 is set, it returns False (with the reason in
+`unavailable_reason()`) and callers keep torch's own kernels: the native path is an accelerator,
+never a requirement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = sorted(_CSRC.glob("*.cpp"))
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+_STALE_LOCK_S = 600  # a real build takes ~25-60 s on 2 cores
+_state: dict = {}
+
+
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    for path in sorted(_CSRC.glob("*.[ch]*")):  # sources and headers
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    h.update(" ".join(_CFLAGS).encode())
+    h.update(torch.__version__.encode())
+    return h.hexdigest()[:16]
+
+
+def _cpu_supported() -> str | None:
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        return f"CPU capability {capability}: the native kernels need AVX2"
+    return None
+
+
+def _build() -> None:
+    from torch.utils.cpp_extension import load
+
+    from ..models.builtin import quantship_home
+
+    build_dir = quantship_home() / "native" / _source_hash()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    lock = build_dir / "lock"  # torch's build lock: a build killed midway leaves it, and later loads would wait forever
+    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+        log.warning("removing a stale native build lock %s (a build was interrupted)", lock)
+        lock.unlink(missing_ok=True)
+    if shutil.which("ninja") is None:  # the `ninja` wheel installs next to this interpreter
+        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    load(name="quantship_native", sources=[str(p) for p in _SOURCES], extra_cflags=_CFLAGS,
+         extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False, verbose=False)
+
+
+def available() -> bool:
+    """Compile (first call per source version) and register the native ops; -> whether they can be used."""
+    if "ok" in _state:
+        return _state["ok"]
+    reason = None
+    if os.environ.get("QUANTSHIP_NATIVE", "1") == "0":
+        reason = "disabled by QUANTSHIP_NATIVE=0"
+    else:
+        reason = _cpu_supported()
+    if reason is None:
+        try:
+            _build()
+        except (RuntimeError, OSError, ImportError) as e:  # no compiler / ninja / headers: fall back
+            reason = f"building the native kernels failed: {e}"
+    if reason is not None:
+        log.warning("quantship native kernels unavailable (%s); using torch's kernels", reason)
+    _state.update(ok=reason is None, reason=reason)
+    return _state["ok"]
+
+
+def unavailable_reason() -> str | None:
+    available()
+    return _state["reason"]
+
