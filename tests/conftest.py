@@ -36,7 +36,8 @@ def make_tokenizer():
 
 
 def make_config(arch: str, vocab_size: int):
-    from transformers import (GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config)
+    from transformers import (Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Phi3Config,
+                              Qwen2Config)
 
     common = dict(vocab_size=vocab_size, eos_token_id=0, pad_token_id=1, bos_token_id=0)
     if arch == "llama":
@@ -53,6 +54,13 @@ def make_config(arch: str, vocab_size: int):
     if arch == "opt":
         return OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                          max_position_embeddings=256, word_embed_proj_dim=64, **common)
+    if arch == "phi3":  # fused qkv_proj / gate_up_proj; registers o_proj before qkv_proj
+        return Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=256, **common)
+    if arch == "gemma3":  # (1 + weight) norms, a pre-feedforward norm, sliding and global layers
+        return Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=16,
+                                **common)
     raise ValueError(arch)
 
 
@@ -85,7 +93,8 @@ def save_tiny_model(arch: str, path: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")
-    return {arch: save_tiny_model(arch, root / arch) for arch in ("llama", "qwen2", "gpt2", "opt", "mistral")}
+    archs = ("llama", "qwen2", "gpt2", "opt", "mistral", "phi3", "gemma3")
+    return {arch: save_tiny_model(arch, root / arch) for arch in archs}
 
 
 @pytest.fixture(autouse=True)

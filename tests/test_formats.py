@@ -107,10 +107,11 @@ def test_bad_scheme_names_list_the_grammar(bad):
 
 
 W8_KERNEL = "int8_native" if native.available() else "int8_weight_only"
+W4_KERNEL = "int4_native" if native.available() else "int4_group"
 
 
-@pytest.mark.parametrize("scheme,kernel", [("w8", W8_KERNEL), ("w4g32", "int4_group"),
-                                           ("w4g64-asym", "int4_group"), ("w3g64", "reference"),
+@pytest.mark.parametrize("scheme,kernel", [("w8", W8_KERNEL), ("w4g32", W4_KERNEL),
+                                           ("w4g64-asym", W4_KERNEL), ("w3g64", "reference"),
                                            ("nf4g64", "reference")])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fast_kernels_match_the_reference_path(scheme, kernel, bias):

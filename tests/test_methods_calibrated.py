@@ -285,3 +285,172 @@ def test_awq_scales_gqa_v_to_o_in_v_proj_channel_space(tiny_models):
     expand = lambda v: expand_to_consumer(v, 2, 4)
     s, a, losses = search_scale(w, x, mean_prev, parse_scheme("w4g16"), 5, expand=expand)
     assert s.shape == (8,) and len(losses) == 5 and losses[round(a * 5)] == min(losses)
+
+
+# --- true-sequential GPTQ -----------------------------------------------------------------------
+
+ALL_TABLES = ["llama", "qwen2", "mistral", "gpt2", "opt", "phi3", "gemma3"]
+FORWARD_ORDER = {  # block 0's input groups in the order its forward reaches them
+    "llama": [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+              ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)],
+    "gpt2": [("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)],  # unfed c_proj in place
+    "opt": [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",),
+            ("fc2",)],
+    "phi3": [("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)],
+}
+
+
+@pytest.mark.parametrize("arch", ALL_TABLES)
+@pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
+def test_true_sequential_gives_a_valid_artifact_on_every_architecture_table(tiny_models, tmp_path, arch, method):
+    src = tiny_models[arch]
+    out = quantship.quantize(src, "w4g32", method=method, method_params={"true_sequential": True}, out=tmp_path / "q",
+                             calib_samples=8, calib_seqlen=32, **QUIET)
+    manifest = quantship.verify(out)
+    assert manifest["method"]["params"]["true_sequential"] is True
+    blocks = manifest["method_report"]["layerwise"]["blocks"]
+    assert all(b["sequential_stats_s"] > 0 for b in blocks)
+    assert not manifest["method_report"].get("gptq_rtn_fallback")
+    model, tok = quantship.load(out)
+    ids = tok("def add(a, b):", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(ids).logits).all()
+    rtn = quantship.quantize(src, "w4g32", method="rtn", out=tmp_path / "r", **QUIET)
+    kld = quantship.evaluate(src, out, ctx=64, max_windows=4, **QUIET)["kld"]["mean"]
+    kld_rtn = quantship.evaluate(src, rtn, ctx=64, max_windows=4, **QUIET)["kld"]["mean"]
+    assert 0 <= kld < 1.5 * kld_rtn + 1e-6, (kld, kld_rtn)
+
+
+def _record_gptq_calls(monkeypatch, module):
+    """Wrap `module.quantize_group_gptq`: -> list of (names, Hessian, quantized weights) per call."""
+    calls = []
+    real = module.quantize_group_gptq
+
+    def recording(weights, hessian, scheme, params, names, report):
+        qws = real(weights, hessian, scheme, params, names, report)
+        calls.append((names, hessian.clone(), qws))
+        return qws
+
+    monkeypatch.setattr(module, "quantize_group_gptq", recording)
+    return calls
+
+
+def _hessian_by_hand(model, group_input: str, tokens) -> torch.Tensor:
+    """E[x x^T] of one module's input over a whole-model forward on `tokens` (one batch)."""
+    xs = []
+    handle = model.get_submodule(group_input).register_forward_pre_hook(lambda m, args: xs.append(args[0]))
+    with torch.no_grad():
+        model(input_ids=tokens, use_cache=False)
+    handle.remove()
+    x = xs[0].reshape(-1, xs[0].shape[-1]).double()
+    return (x.t() @ x / x.shape[0]).float()
+
+
+def _block0_calls(calls, facts):
+    prefix = f"{facts.blocks}.0."
+    return [(tuple(n[len(prefix):] for n in names), h, qws) for names, h, qws in calls if names[0].startswith(prefix)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "phi3"])
+def test_true_sequential_hessian_comes_from_the_quantized_earlier_groups(monkeypatch, arch):
+    # Layer-wise: in block 0 (its input, the embeddings, is the same for the float and quantized
+    # model), each group's Hessian must equal E[x x^T] computed by hand from a float model whose
+    # EARLIER groups of block 0 carry the quantized values, and must differ from the float one.
+    from quantship.methods import gptq as gptq_module
+    from quantship.methods.layerwise import _load_dequantized
+    from quantship.models.arch import arch_facts
+    from quantship.pipeline import find_targets
+
+    model, _ = build_tiny_model(arch)
+    facts = arch_facts(model.config.model_type)
+    tokens = torch.randint(2, 250, (6, 32), generator=torch.Generator().manual_seed(0))
+    targets = find_targets(model, facts, QuantSpec(scheme="w3g32", method="gptq"))
+    calls = _record_gptq_calls(monkeypatch, gptq_module)
+    gptq_module.run_gptq(model, targets, parse_scheme("w3g32"), GPTQParams(true_sequential=True), tokens,
+                         progress=False)
+    block0 = _block0_calls(calls, facts)
+    assert [group for group, _, _ in block0] == FORWARD_ORDER[arch]
+
+    reference, _ = build_tiny_model(arch)  # same seed: the float weights before quantization
+    float_model, _ = build_tiny_model(arch)
+    for k, (group, hessian, qws) in enumerate(block0):
+        first_linear = f"{facts.blocks}.0.{group[0]}"
+        by_hand = _hessian_by_hand(reference, first_linear, tokens)
+        assert torch.allclose(hessian, by_hand, rtol=1e-4, atol=1e-6 * by_hand.abs().max()), group
+        if k:  # a later group: its inputs moved because the earlier groups are quantized
+            float_h = _hessian_by_hand(float_model, first_linear, tokens)
+            assert (hessian - float_h).norm() > 1e-3 * float_h.norm(), group
+        for name, qw in zip(group, qws):  # this group is quantized before the next one's Hessian
+            _load_dequantized(reference.get_submodule(f"{facts.blocks}.0.{name}"), qw)
+
+
+def test_without_true_sequential_every_hessian_comes_from_the_float_block(monkeypatch):
+    from quantship.methods import gptq as gptq_module
+    from quantship.models.arch import arch_facts
+    from quantship.pipeline import find_targets
+
+    model, _ = build_tiny_model("llama")
+    facts = arch_facts(model.config.model_type)
+    tokens = torch.randint(2, 250, (6, 32), generator=torch.Generator().manual_seed(0))
+    targets = find_targets(model, facts, QuantSpec(scheme="w3g32", method="gptq"))
+    calls = _record_gptq_calls(monkeypatch, gptq_module)
+    gptq_module.run_gptq(model, targets, parse_scheme("w3g32"), GPTQParams(true_sequential=False), tokens,
+                         progress=False)
+    float_model, _ = build_tiny_model("llama")
+    for group, hessian, _ in _block0_calls(calls, facts):
+        by_hand = _hessian_by_hand(float_model, f"{facts.blocks}.0.{group[0]}", tokens)
+        assert torch.allclose(hessian, by_hand, rtol=1e-4, atol=1e-6 * by_hand.abs().max()), group
+
+
+def test_awq_gptq_true_sequential_collects_the_folded_hessian(monkeypatch):
+    # The first group's inputs are the same in both modes (nothing before it is quantized): the
+    # Hessian collected from the folded block must equal the float one rescaled, H / (s s^T).
+    # Later groups see the quantized earlier groups, so theirs differ.
+    from quantship.methods import awq as awq_module
+    from quantship.methods.awq import AWQGPTQParams
+    from quantship.models.arch import arch_facts
+    from quantship.pipeline import find_targets
+
+    tokens = torch.randint(2, 250, (6, 32), generator=torch.Generator().manual_seed(0))
+    recorded = {}
+    for sequential in (True, False):
+        model, _ = build_tiny_model("llama")
+        facts = arch_facts(model.config.model_type)
+        targets = find_targets(model, facts, QuantSpec(scheme="w3g32", method="awq+gptq"))
+        calls = _record_gptq_calls(monkeypatch, awq_module)
+        run = awq_module._runner(use_gptq=True)
+        run(model, targets, parse_scheme("w3g32"), AWQGPTQParams(true_sequential=sequential), tokens,
+            progress=False)
+        recorded[sequential] = {group: h for group, h, _ in _block0_calls(calls, facts)}
+        monkeypatch.undo()
+    first, *later = FORWARD_ORDER["llama"]
+    h_seq, h_float = recorded[True][first], recorded[False][first]
+    assert torch.allclose(h_seq, h_float, rtol=1e-3, atol=1e-5 * h_float.abs().max())
+    for group in later:
+        h_seq, h_float = recorded[True][group], recorded[False][group]
+        assert (h_seq - h_float).norm() > 1e-3 * h_float.norm(), group
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_gptq_true_sequential_artifact_is_byte_identical_for_same_seed(tiny_models, tmp_path, true_sequential):
+    kw = dict(method="gptq", method_params={"true_sequential": true_sequential}, calib_samples=6, calib_seqlen=32,
+              seed=3, **QUIET)
+    a = quantship.quantize(tiny_models["llama"], "w4g32", out=tmp_path / "a", **kw)
+    b = quantship.quantize(tiny_models["llama"], "w4g32", out=tmp_path / "b", **kw)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_input_stats_accumulate_every_batch_with_or_without_a_hessian():
+    # abs_mean / abs_max (AWQ, SmoothQuant) must cover every batch also when no Hessian is kept
+    # (they were reset at each batch when want_hessian=False).
+    from quantship.methods.layerwise import InputStats
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 8, 16, generator=g) * (k + 1) for k in range(3)]
+    x = torch.cat([b.reshape(-1, 16) for b in batches])
+    for want_hessian in (True, False):
+        stats = InputStats(16, want_hessian)
+        for b in batches:
+            stats.add(b)
+        assert stats.tokens == 48
+        assert torch.allclose(stats.abs_mean(), x.abs().mean(0), rtol=1e-6)
+        assert torch.equal(stats.abs_max, x.abs().amax(0))

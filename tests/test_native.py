@@ -72,7 +72,8 @@ def test_native_decode_step_matches_the_python_step(arch, kv):
 
 
 def test_native_decode_generates_like_the_reference_engine_for_each_scheme(tiny_models):
-    for scheme, kernel in (("w8", "int8_native"), ("w4g32", "int4_group"), ("w8a8", "w8a8_int8_int_mm")):
+    for scheme, kernel in (("w8", "int8_native"), ("w4g32", "int4_native"), ("w4g64-asym", "int4_native"),
+                           ("w8a8", "w8a8_int8_int_mm")):
         r = quantship.quantize(str(tiny_models["llama"]), scheme, progress=False, log=lambda *a: None)
         reference = Engine(r.model, r.tokenizer, fast=False, max_batch=4)
         expected = [_next_logits(reference, PROMPTS)]
@@ -81,8 +82,8 @@ def test_native_decode_generates_like_the_reference_engine_for_each_scheme(tiny_
         got = _next_logits(fast, PROMPTS)
         lp_e, lp_f = torch.log_softmax(expected[0], -1), torch.log_softmax(got, -1)
         kld = float((lp_e.exp() * (lp_e - lp_f)).sum(-1).max())
-        # int8 is fp32-exact up to summation order; int4 runs torch's bf16 kernel; w8a8 the same integer codes
-        assert kld < {"w8": 1e-6, "w4g32": 1e-2, "w8a8": 1e-4}[scheme], (scheme, kld)
+        # int8 is fp32-exact up to summation order; int4 rounds activations to int8 per 32; w8a8 the same codes
+        assert kld < {"w8": 1e-6, "w4g32": 1e-2, "w4g64-asym": 1e-2, "w8a8": 1e-4}[scheme], (scheme, kld)
 
 
 def test_qwen3_qk_norm_native_matches():
@@ -117,3 +118,39 @@ def test_disabled_native_falls_back_to_torch_kernels():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "QUANTSHIP_NATIVE": "0"},
                          capture_output=True, text=True, check=True).stdout
     assert out.split()[0] == "False" and "QUANTSHIP_NATIVE=0" in out and out.split()[-1] == "int8_weight_only"
+
+
+def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) as the int4 kernel sees it: rounded to int8 per block of 32 (absmax / 127)."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    step = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(blocks / torch.where(step > 0, step, 1)) * step).reshape(x.shape)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("asym", [False, True])
+def test_int4_gemv_equals_matmul_with_block_quantized_activations(group, rows, asym):
+    from quantship.native import pack_int4_blocks
+
+    torch.manual_seed(group + rows)
+    n, k = 72, 256
+    codes = torch.randint(0, 16, (n, k))
+    scale = (torch.rand(n, k // group) * 0.01).half()
+    offset = (torch.randn(n, k // group) * 0.01).half() if asym else None
+    w = (codes.float() * scale.float().repeat_interleave(group, 1)
+         + (offset.float().repeat_interleave(group, 1) if asym else -8 * scale.float().repeat_interleave(group, 1)))
+    packed, bias, x = pack_int4_blocks(codes), torch.randn(n), torch.randn(rows, k)
+    assert torch.equal(torch.ops.quantship.int4_dequantize(packed, scale, offset, group), w)
+    got = torch.ops.quantship.int4_linear(x, packed, scale, offset, bias, group)
+    # exactly the matmul of block-quantized activations (up to summation order) ...
+    assert torch.allclose(got, torch.nn.functional.linear(_int8_blocks(x), w, bias), atol=1e-4, rtol=1e-5)
+    # ... which is within ~1% of the float activations' result
+    exact = torch.nn.functional.linear(x, w, bias)
+    assert float((got - exact).abs().max()) < 0.02 * float(exact.abs().max())
+
+
+def test_int4_rejects_a_bad_group_with_a_message():
+    w, s = torch.zeros(4, 48, dtype=torch.uint8), torch.zeros(4, 3, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        torch.ops.quantship.int4_linear(torch.zeros(1, 96), w, s, None, None, 48)

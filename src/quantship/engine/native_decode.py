@@ -28,6 +28,7 @@ class LinearKind(enum.IntEnum):  # must match decode_layer.cpp
     INT8 = 1
     INT4PACK = 2
     W8A8 = 3
+    INT4 = 4
 
 
 class Unsupported(Exception):
@@ -46,6 +47,9 @@ def describe_linear(module: nn.Module) -> tuple[LinearKind, int, list[torch.Tens
         s, name = module.kernel_state, module.kernel_name
         if name == "int8_native":
             return LinearKind.INT8, 0, [s["w_int8"], s["scales_f32"], _f32(s["bias_f32"]), _EMPTY]
+        if name == "int4_native":
+            offsets = module.offsets if module.offsets is not None else _EMPTY
+            return LinearKind.INT4, module.scheme.group_size, [s["w_int4"], module.scales, _f32(s["bias_f32"]), offsets]
         if name == "int4_group":
             return (LinearKind.INT4PACK, module.scheme.group_size,
                     [s["w_int4"], s["scales_zeros"], _f32(s["bias"]), _EMPTY])

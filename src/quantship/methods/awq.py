@@ -6,8 +6,9 @@ being plain rounding), normalised to geometric mean 1, minimising the group's ou
 || x W^T - (x / s) Q(W s)^T ||^2 on a sample of calibration inputs; fold s into the predecessor
 (its output divided by s, exact in float) and the linears' input columns (multiplied by s).
 Then a per-group clipping search shrinks each group's range to minimise that group's output
-error. The weights are finally rounded (`awq`, `awq+rtn`) or handed to GPTQ with the Hessian
-rescaled to the folded inputs, H' = H / (s s^T) (`awq+gptq`).
+error. The weights are finally rounded (`awq`, `awq+rtn`) or handed to GPTQ (`awq+gptq`) with
+the Hessian of the folded inputs: with true_sequential (the default) collected from the folded
+block with the earlier groups already quantized, else the float H rescaled, H' = H / (s s^T).
 
 Ours compares the linears' outputs, not the whole attention/MLP output the reference uses.
 Under grouped-query attention o_proj's inputs are v_proj's outputs repeated per head group: s is
@@ -53,11 +54,13 @@ class AWQGPTQParams(AWQParams):
     block_size: int = 128
     act_order: bool = True
     max_damp_retries: int = 6
+    true_sequential: bool = True  # GPTQ's: each group's H from the block with earlier groups quantized
 
     def gptq(self) -> GPTQParams:
         return GPTQParams(percdamp=self.percdamp, block_size=self.block_size, act_order=self.act_order,
                           max_damp_retries=self.max_damp_retries, batch_size=self.batch_size,
-                          clip_search=self.clip, clip_grid=self.clip_grid, clip_min=self.clip_min)
+                          clip_search=self.clip, clip_grid=self.clip_grid, clip_min=self.clip_min,
+                          true_sequential=self.true_sequential)
 
 
 def _fake_quant(scheme: Scheme, w: torch.Tensor, clip=1.0) -> torch.Tensor:
@@ -132,25 +135,36 @@ def awq_block_solver(scheme: Scheme, params: AWQParams, report: dict, use_gptq: 
             scales[group] = expand_to_consumer(s, *layout)  # in the linears' input space
             report.setdefault("awq_exponent", {})[f"{ctx.prefix}:{group[0]}"] = a
         # Phase 2: round the final weights against their (rescaled) inputs.
+        sequential = use_gptq and params.true_sequential
         chosen: dict[str, QuantizedWeight] = {}
-        for group in ctx.groups:
-            stats, s = ctx.stats[group], scales.get(group)
+        for group in ctx.groups_in_forward_order() if sequential else ctx.groups:
             weights = [linear_weight(ctx.block.get_submodule(n)).float() for n in group]
             names = [f"{ctx.prefix}.{n}" for n in group]
             if use_gptq:
-                h = stats.mean_hessian()
-                if s is not None:
-                    h = h / torch.outer(s, s)
+                h = folded_hessian(ctx, group, scales.get(group), sequential)
                 qws = quantize_group_gptq(weights, h, scheme, params.gptq(), names, report)
             else:
-                x = stats.sample() if s is None else stats.sample() / s
+                s = scales.get(group)
+                x = ctx.stats[group].sample() if s is None else ctx.stats[group].sample() / s
                 x = x[:: max(1, x.shape[0] // params.clip_tokens)][: params.clip_tokens]
                 qws = [quantize_weight(scheme, w, search_clip(w, x, scheme, params) if params.clip else 1.0)
                        for w in weights]
-            chosen.update(zip(group, qws))
+            solved = dict(zip(group, qws))
+            if sequential:
+                ctx.load(solved)  # the next group's Hessian sees these quantized values
+            chosen.update(solved)
         return chosen
 
     return solve
+
+
+def folded_hessian(ctx, group: tuple[str, ...], s: torch.Tensor | None, sequential: bool) -> torch.Tensor:
+    """H of the group's inputs after the fold (x / s): collected from the folded block as it is
+    now (true-sequential: exact, earlier groups quantized) or the float H rescaled, H / (s s^T)."""
+    if sequential:
+        return ctx.collect_group_stats(group).mean_hessian()
+    h = ctx.stats[group].mean_hessian()
+    return h if s is None else h / torch.outer(s, s)
 
 
 def _runner(use_gptq: bool):
@@ -162,7 +176,8 @@ def _runner(use_gptq: bool):
         name = "awq+gptq" if use_gptq else "awq"
         return run_layerwise_with_leftovers(
             model, targets, calib, awq_block_solver(scheme, params, report, use_gptq), scheme=scheme,
-            batch_size=params.batch_size, want_hessian=use_gptq, sample_tokens=params.sample_tokens,
+            batch_size=params.batch_size, sample_tokens=params.sample_tokens,
+            want_hessian=use_gptq and not params.true_sequential,  # sequential: collected per group
             progress=progress, report=report, desc=f"{name} {scheme.name}")
     return run
 

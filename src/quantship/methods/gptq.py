@@ -18,6 +18,10 @@ Implementation notes (ours, from the paper):
     plain group layout and needs no permutation at inference.
   * Linears that share an input (q/k/v, gate/up) are quantized as one row-stacked matrix: GPTQ
     treats rows independently, so this is exact and saves the column loop.
+  * true_sequential (the reference's --true-sequential): inside a block the input groups are
+    quantized in forward order, and each group's Hessian is collected from inputs that the
+    block's already-quantized earlier groups produced (one forward per batch, stopped at the
+    group's input), so o_proj's H sees the q/k/v rounding and down_proj's sees everything before.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ class GPTQParams:
     clip_grid: int = 20  # candidate ratios between 1.0 and clip_min
     clip_min: float = 0.5
     batch_size: int = 4  # calibration windows per block forward (smaller: less transient memory)
+    # inside a block, quantize the input groups in forward order (q/k/v, o, gate/up, down) and take
+    # each later group's Hessian from inputs produced by the already-quantized earlier linears
+    true_sequential: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.percdamp < 10.0:
@@ -249,15 +256,24 @@ def gptq_block_solver(scheme: Scheme, params: GPTQParams, report: dict):
 
     def solve(ctx) -> dict[str, QuantizedWeight]:
         chosen = {}
-        for group in ctx.groups:
+        for group in ctx.groups_in_forward_order() if params.true_sequential else ctx.groups:
             weights = [linear_weight(ctx.block.get_submodule(n)) for n in group]
-            hessian = ctx.stats[group].mean_hessian()
+            hessian = group_hessian(ctx, group, params.true_sequential)
             names = [f"{ctx.prefix}.{n}" for n in group]
-            for n, qw in zip(group, quantize_group_gptq(weights, hessian, scheme, params, names, report)):
-                chosen[n] = qw
+            solved = dict(zip(group, quantize_group_gptq(weights, hessian, scheme, params, names, report)))
+            if params.true_sequential:
+                ctx.load(solved)  # the next group's inputs come from these quantized values
+            chosen.update(solved)
         return chosen
 
     return solve
+
+
+def group_hessian(ctx, group: tuple[str, ...], true_sequential: bool) -> torch.Tensor:
+    """H of the group's input: from the block as it is now (true-sequential: earlier groups
+    already quantized) or from the float statistics pass."""
+    stats = ctx.collect_group_stats(group) if true_sequential else ctx.stats[group]
+    return stats.mean_hessian()
 
 
 def run_gptq(model, targets, scheme: Scheme, params: GPTQParams, calib, *, progress: bool = True,
@@ -267,7 +283,8 @@ def run_gptq(model, targets, scheme: Scheme, params: GPTQParams, calib, *, progr
     report = report if report is not None else {}
     return run_layerwise_with_leftovers(model, targets, calib, gptq_block_solver(scheme, params, report),
                                         scheme=scheme, batch_size=params.batch_size, want_hessian=True,
-                                        progress=progress, report=report, desc=f"gptq {scheme.name}")
+                                        float_stats=not params.true_sequential, progress=progress,
+                                        report=report, desc=f"gptq {scheme.name}")
 
 
 def supports(scheme: Scheme) -> bool:

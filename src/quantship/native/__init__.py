@@ -1,4 +1,4 @@
-"""Native CPU kernels (AVX2 + FMA), compiled on first use with torch's extension builder.
+"""Native CPU kernels (AVX2 + FMA + F16C), compiled on first use with torch's extension builder.
 
 `available()` compiles `csrc/*.cpp` once per source hash into the quantship home
 (`native/<hash>/`, reused by later processes) and registers `torch.ops.quantship.*`. Where the CPU lacks
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = sorted(_CSRC.glob("*.cpp"))
-_CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _STALE_LOCK_S = 600  # a real build takes ~25-60 s on 2 cores
 _state: dict = {}
 
@@ -86,3 +86,12 @@ def unavailable_reason() -> str | None:
     available()
     return _state["reason"]
 
+
+
+def pack_int4_blocks(codes: torch.Tensor) -> torch.Tensor:
+    """codes (N, K) in 0..15, K % 32 == 0 -> (N, K/2) uint8: per 32-code block, byte j = code[j] | code[j+16] << 4."""
+    n, k = codes.shape
+    if k % 32:
+        raise ValueError(f"int4 blocks need in_features divisible by 32, got {k}")
+    blocks = codes.to(torch.uint8).reshape(n, k // 32, 2, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()

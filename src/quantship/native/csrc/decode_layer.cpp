@@ -26,11 +26,15 @@
 namespace {
 
 // How a projection multiplies; the ints come from quantship/native/decode.py (LinearKind).
-enum LinearKind : int64_t { DENSE = 0, INT8 = 1, INT4PACK = 2, W8A8 = 3 };
+enum LinearKind : int64_t { DENSE = 0, INT8 = 1, INT4PACK = 2, W8A8 = 3, INT4 = 4 };
 constexpr int kTensorsPerLinear = 4;  // (a, b, bias, extra): see run_linear
 // Up to this many rows our fp32 GEMV beats torch's F.linear (1.2-3.5x on the default model's
 // shapes, docs/results/kernels.md); from 32 rows on torch's blocked GEMM wins.
 constexpr int64_t kFp32GemvMaxRows = 16;
+// From this many rows on, int4 dequantizes once and runs the dense GEMM (formats/kernels.py: INT4_DENSE_MIN_ROWS).
+constexpr int64_t kInt4DenseMinRows = 32;
+// w8a8 uses torch._int_mm up to this many rows (formats/kernels.py: W8A8_INT_MM_MAX_ROWS).
+constexpr int64_t kW8A8IntMmMaxRows = 2;
 
 at::Tensor run_linear(const at::Tensor& x, int64_t kind, int64_t group, const at::Tensor* t) {
   const at::Tensor &a = t[0], &b = t[1], &bias = t[2], &extra = t[3];
@@ -56,10 +60,29 @@ at::Tensor run_linear(const at::Tensor& x, int64_t kind, int64_t group, const at
       at::Tensor y = at::_weight_int4pack_mm_for_cpu(x.to(at::kBFloat16), a, group, b).to(at::kFloat);
       return has_bias ? y.add_(bias) : y;
     }
+    case INT4: {  // a: int4 32-code blocks (N, K/2), b: fp16 scale (N, K/g), extra: fp16 offset or empty
+      const int64_t M = x.size(0), N = a.size(0), K = a.size(1) * 2;
+      const auto* s = reinterpret_cast<const uint16_t*>(b.data_ptr<at::Half>());
+      const auto* o = extra.numel() ? reinterpret_cast<const uint16_t*>(extra.data_ptr<at::Half>()) : nullptr;
+      if (M >= kInt4DenseMinRows) {
+        at::Tensor w = at::empty({N, K}, x.options());
+        quantship::int4_dequantize(a.data_ptr<uint8_t>(), s, o, w.data_ptr<float>(), N, K, group);
+        return at::linear(x, w, has_bias ? std::optional<at::Tensor>(bias) : std::nullopt);
+      }
+      at::Tensor y = at::empty({M, N}, x.options());
+      quantship::int4_gemv(a.data_ptr<uint8_t>(), s, o, has_bias ? bias.data_ptr<float>() : nullptr,
+                           x.data_ptr<float>(), y.data_ptr<float>(), M, N, K, group);
+      return y;
+    }
     case W8A8: {  // a: int8 codes viewed (K, N), b: fp32 scale (1, N), extra: static act scale (1,) or empty
       at::Tensor scale = extra.numel() ? extra : x.abs().amax(-1, true).clamp_min(1e-8).div(127.0);
-      at::Tensor codes = x.div(scale).round().clamp(-127, 127).to(at::kChar);
-      at::Tensor y = at::_int_mm(codes, a).to(at::kFloat).mul_(scale).mul_(b);
+      at::Tensor codes = x.div(scale).round().clamp(-127, 127);
+      at::Tensor y;
+      if (x.size(0) <= kW8A8IntMmMaxRows) {  // torch's int8 x int8 matmul (exact integer products)
+        y = at::_int_mm(codes.to(at::kChar), a).to(at::kFloat).mul_(scale).mul_(b);
+      } else {  // its CPU loop is unvectorised: the reference computation in fp32 is faster here
+        y = at::linear(codes.mul_(scale), a.t().to(at::kFloat).mul_(b.t()));
+      }
       return has_bias ? y.add_(bias) : y;
     }
     default:

@@ -1,11 +1,10 @@
-// int8 weight-only GEMV/GEMM for few rows (decode), AVX2 + FMA.
+// int8 and fp32 weight GEMV/GEMM for few rows (decode), AVX2 + FMA.
 //
 // Why our own: on AVX2-only CPUs torch's _weight_int8pack_mm converts through software bf16 and
 // reads ~6-7 GB/s (docs/bench.md). This kernel keeps activations in fp32, widens the int8 codes
 // to fp32 in registers and accumulates with FMA, so it reads the codes once at close to memory
 // bandwidth and matches the dequantize-then-matmul reference up to fp32 summation order.
-// (An fp32-activation int4 kernel written the same way was not faster than torch's int4pack
-// here: widening nibbles costs more than the bytes saved; torch's kernel stays for int4.)
+// (int4 is in int4_avx2.cpp: widening nibbles to fp32 costs more than the bytes it saves.)
 //
 // Layout: w (N, K) int8 two's-complement codes (QuantLinear's buffer, zero-copy), scale (N,) fp32:
 // W[n, k] = w[n, k] * scale[n].
@@ -19,12 +18,7 @@
 
 namespace {
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using quantship::hsum;
 
 // Eight weights as fp32: int8 codes are widened in registers, fp32 weights load as they are.
 inline __m256 load8(const int8_t* p) {
