@@ -154,3 +154,16 @@ def test_int4_rejects_a_bad_group_with_a_message():
     w, s = torch.zeros(4, 48, dtype=torch.uint8), torch.zeros(4, 3, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="multiple of 32"):
         torch.ops.quantship.int4_linear(torch.zeros(1, 96), w, s, None, None, 48)
+
+
+def test_weight_bytes_count_fused_and_repacked_weights(tiny_models):
+    """Bandwidth = bytes read per token x tok/s: the fused q/k/v, gate/up and repacked int4 copies must count."""
+    for scheme in ("w8", "w4g32"):
+        r = quantship.quantize(str(tiny_models["llama"]), scheme, progress=False, log=lambda *a: None)
+        stored = sum(m.storage_bytes() for layer in r.model.model.layers for m in layer.modules()
+                     if hasattr(m, "storage_bytes"))
+        engine = Engine(r.model, r.tokenizer)
+        assert engine.fused > 0
+        head = engine.forward.head.storage_bytes()
+        norms = sum(p.numel() * 4 for layer in engine.forward.layers for n, p in layer.named_parameters() if "norm" in n)
+        assert stored + head <= engine.weight_bytes() <= 1.1 * (stored + head) + norms + 4 * r.model.config.hidden_size

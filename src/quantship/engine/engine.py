@@ -104,12 +104,11 @@ class Engine:
         return self.cache.bytes_per_token()
 
     def weight_bytes(self) -> int:
-        """Bytes of weights read per decoded token (all layers + final norm + head; embeddings: one row)."""
+        """Bytes of weights read per decoded token: every decoder layer (with the fused q/k/v and gate/up
+        projections and the kernels' repacked copies), the final norm and the head; embeddings: one row."""
         f = self.forward
-        total = sum(t.numel() * t.element_size() for layer in f.layers for t in _tensors(layer))
-        total += sum(t.numel() * t.element_size() for t in _tensors(f.inner.norm))
-        total += sum(t.numel() * t.element_size() for t in _tensors(f.head))
-        return total
+        modules = [*f.layers, *(m for m in f.qkv + f.gate_up if m is not None), f.inner.norm, f.head]
+        return sum(t.numel() * t.element_size() for t in _tensors(modules))
 
     # ----- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams = SamplingParams(),
@@ -210,9 +209,13 @@ class Engine:
                     yield ev
 
 
-def _tensors(module):
+def _tensors(modules):
+    """Distinct non-empty tensors of the modules: parameters, buffers and fast-kernel state (repacked weights)."""
     seen = set()
-    for t in list(module.parameters()) + list(module.buffers()):
-        if t.data_ptr() not in seen and t.numel():
-            seen.add(t.data_ptr())
-            yield t
+    for module in modules:
+        for m in module.modules():
+            state = [t for t in getattr(m, "kernel_state", {}).values() if isinstance(t, torch.Tensor)]
+            for t in [*m.parameters(recurse=False), *m.buffers(recurse=False), *state]:
+                if t.numel() and t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    yield t

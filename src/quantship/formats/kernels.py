@@ -73,6 +73,15 @@ def _native_ok(layer) -> bool:
     return layer.in_features % 32 == 0 and native.available()
 
 
+def _prepare_int8_native(layer) -> None:
+    layer.kernel_state.update(
+        w_int8=layer.qweight.view(torch.int8),  # two's-complement storage: zero-copy
+        scales_f32=layer.scales.reshape(-1).float(),
+        bias_f32=layer.bias.float() if layer.bias is not None else None,
+        owns_weights=False,
+    )
+
+
 def _prepare_int8(layer) -> None:
     layer.kernel_state.update(
         w_int8=layer.qweight.view(torch.int8),  # two's-complement storage: zero-copy
@@ -165,7 +174,7 @@ def select_kernel(layer) -> tuple[str, KernelFn | None]:
     s = layer.scheme
     if s.kind == "int" and s.bits == 8 and s.symmetric and s.granularity == "channel" and not s.act_bits:
         if _native_ok(layer):
-            _prepare_int8(layer)
+            _prepare_int8_native(layer)
             return "int8_native", _int8_native
         if _has_op("_weight_int8pack_mm"):
             _prepare_int8(layer)
