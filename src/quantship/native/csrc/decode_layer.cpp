@@ -17,6 +17,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -151,6 +153,38 @@ struct Int8 {
   static float scale(const at::Half* s) { return static_cast<float>(*s); }
 };
 
+// Eight cache elements as fp32.
+inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8f(const at::BFloat16* p) {  // bf16 is the top half of an fp32
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline __m256 load8f(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <typename T>
+float dot(const float* q, const T* k, int64_t hd) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= hd; j += 16) {
+    a0 = _mm256_fmadd_ps(load8f(k + j), _mm256_loadu_ps(q + j), a0);
+    a1 = _mm256_fmadd_ps(load8f(k + j + 8), _mm256_loadu_ps(q + j + 8), a1);
+  }
+  for (; j + 8 <= hd; j += 8) a0 = _mm256_fmadd_ps(load8f(k + j), _mm256_loadu_ps(q + j), a0);
+  float s = quantship::hsum(_mm256_add_ps(a0, a1));
+  for (; j < hd; ++j) s += q[j] * static_cast<float>(k[j]);
+  return s;
+}
+
+template <typename T>
+void axpy(float p, const T* v, float* o, int64_t hd) {  // o += p * v
+  const __m256 pv = _mm256_set1_ps(p);
+  int64_t j = 0;
+  for (; j + 8 <= hd; j += 8) _mm256_storeu_ps(o + j, _mm256_fmadd_ps(pv, load8f(v + j), _mm256_loadu_ps(o + j)));
+  for (; j < hd; ++j) o[j] += p * static_cast<float>(v[j]);
+}
+
 template <typename T, typename Codec>
 void attend(const float* q, const float* k_new, const float* v_new, T* kc, T* vc, at::Half* ks, at::Half* vs,
             const int64_t* positions, float* out, int64_t n, int64_t nh, int64_t nkv, int64_t max_seq, int64_t hd,
@@ -172,23 +206,15 @@ void attend(const float* q, const float* k_new, const float* v_new, T* kc, T* vc
       scores.resize(length);
       float mx = -INFINITY;
       for (int64_t t = 0; t < length; ++t) {
-        const T* kr = kc + (base + t) * hd;
-        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t j = 0; j < hd; ++j) dot += qv[j] * static_cast<float>(kr[j]);
-        scores[t] = dot * Codec::scale(ks ? ks + base + t : nullptr) * scaling;
+        scores[t] = dot(qv, kc + (base + t) * hd, hd) * Codec::scale(ks ? ks + base + t : nullptr) * scaling;
         mx = std::max(mx, scores[t]);
       }
       float total = 0.f;
       for (int64_t t = 0; t < length; ++t) total += (scores[t] = std::exp(scores[t] - mx));
       float* o = out + ih * hd;
       std::fill(o, o + hd, 0.f);
-      for (int64_t t = 0; t < length; ++t) {
-        const T* vr = vc + (base + t) * hd;
-        const float p = scores[t] / total * Codec::scale(vs ? vs + base + t : nullptr);
-#pragma omp simd
-        for (int64_t j = 0; j < hd; ++j) o[j] += p * static_cast<float>(vr[j]);
-      }
+      for (int64_t t = 0; t < length; ++t)
+        axpy(scores[t] / total * Codec::scale(vs ? vs + base + t : nullptr), vc + (base + t) * hd, o, hd);
     }
   });
 }

@@ -89,6 +89,10 @@ void int4_tile(const uint8_t* w, int64_t row_bytes, const uint16_t* s, const uin
       for (int m = 0; m < MT; ++m) corr[r][m] += cg * x.gsum[m * x.G + g];
     }
     for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+      if ((b & 3) == 0)  // one prefetch per 64-byte line (4 blocks); see linear_avx2.cpp
+        for (int r = 0; r < R; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(w + r * row_bytes + b * (kBlock / 2)) + quantship::kPrefetchBytes,
+                       _MM_HINT_T0);
       __m256i codes[R];
       for (int r = 0; r < R; ++r) codes[r] = unpack_block(w + r * row_bytes + b * (kBlock / 2));
       for (int m = 0; m < MT; ++m) {

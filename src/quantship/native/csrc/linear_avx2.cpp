@@ -34,6 +34,8 @@ void gemv_row(const W* w, const float* x, int64_t K, float scale, float bias, fl
   for (int m = 0; m < MT; ++m)
     for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += 8 * U) {
+    for (int64_t off = 0; off < 8 * U * static_cast<int64_t>(sizeof(W)); off += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(w + k) + off + quantship::kPrefetchBytes, _MM_HINT_T0);
     for (int u = 0; u < U; ++u) {
       __m256 wv = load8(w + k + 8 * u);
       for (int m = 0; m < MT; ++m)
