@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from quantship import native
 from quantship.artifact import environment
+from quantship.formats import kernels as qk
 from quantship.formats.grid import quantize_weight
 from quantship.formats.linear import QuantLinear
 from quantship.formats.scheme import parse_scheme
@@ -41,6 +43,11 @@ def time_per_call(fns, repeats: int) -> float:
             f()
         samples.append((time.perf_counter() - started) / len(fns))
     return statistics.median(samples)
+
+
+# torch's weight-only kernels (bf16 activations), measured beside the kernel prepare_fast() picks
+TORCH_KERNELS = {"w8": (qk._prepare_int8, qk._int8_weight_only, "_weight_int8pack_mm"),
+                 "w4": (qk._prepare_int4, qk._int4_group, "_weight_int4pack_mm_for_cpu")}
 
 
 W8A8_SECTION = "\n## w8a8: int8 x int8 (torch._int_mm) vs fp32 and int8 weight-only"
@@ -117,11 +124,21 @@ def gemv_section(args) -> str:
             xb = x.bfloat16()
             rows.append(("bf16 F.linear", m, time_per_call([lambda w=w: F.linear(xb, w) for w in wb], args.repeats),
                          n * k * 2))
+            if native.available() and m <= 16:
+                rows.append(("fp32 native GEMV (engine decode)", m, time_per_call(
+                    [lambda w=w: torch.ops.quantship.fp32_linear(x, w, None) for w in weights], args.repeats), n * k * 4))
             for scheme in ("w8", "w4g32", "w4g64"):
                 layers = [QuantLinear.from_quantized(quantize_weight(parse_scheme(scheme), w), None) for w in weights]
                 bytes_ = layers[0].storage_bytes()
                 rows.append((f"{scheme} reference (dequantize + fp32 matmul)", m,
                              time_per_call([lambda l=l: l(x) for l in layers], max(1, args.repeats // 3)), bytes_))
+                torch_kernel = TORCH_KERNELS[scheme[:2]]  # torch's own kernel beside ours, same layers
+                for layer in layers:
+                    torch_kernel[0](layer)
+                rows.append((f"{scheme} torch {torch_kernel[2]}", m,
+                             time_per_call([lambda l=l: torch_kernel[1](l, x) for l in layers], args.repeats), bytes_))
+                for layer in layers:
+                    layer.kernel_state.clear()
                 kernel = [l.prepare_fast(release_codes=True) for l in layers][0]
                 rows.append((f"{scheme} {kernel}", m, time_per_call([lambda l=l: l(x) for l in layers], args.repeats),
                              bytes_))

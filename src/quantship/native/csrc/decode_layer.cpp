@@ -153,6 +153,50 @@ struct Int8 {
   static float scale(const at::Half* s) { return static_cast<float>(*s); }
 };
 
+// exp of eight floats: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p a degree-7 minimax-style
+// polynomial (the classic single-precision scheme; ~1 ulp). libm's scalar expf was ~0.9 ms of a
+// 12 ms decode step (SiLU over 1536 features and the softmax, per layer).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 split in two for precision
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n));
+}
+
+// y[j] = silu(g[j]) * u[j] = g / (1 + exp(-g)) * u
+void silu_mul(const float* g, const float* u, float* y, int64_t len) {
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + j);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+    _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e)),
+                                          _mm256_loadu_ps(u + j)));
+  }
+  for (; j < len; ++j) y[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
+}
+
+// s[t] = exp(s[t] - mx) in place; -> their sum
+float exp_shift_sum(float* s, int64_t len, float mx) {
+  const __m256 mv = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= len; t += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
+    _mm256_storeu_ps(s + t, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float total = quantship::hsum(acc);
+  for (; t < len; ++t) total += (s[t] = std::exp(s[t] - mx));
+  return total;
+}
+
 // Eight cache elements as fp32.
 inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8f(const at::BFloat16* p) {  // bf16 is the top half of an fp32
@@ -209,8 +253,7 @@ void attend(const float* q, const float* k_new, const float* v_new, T* kc, T* vc
         scores[t] = dot(qv, kc + (base + t) * hd, hd) * Codec::scale(ks ? ks + base + t : nullptr) * scaling;
         mx = std::max(mx, scores[t]);
       }
-      float total = 0.f;
-      for (int64_t t = 0; t < length; ++t) total += (scores[t] = std::exp(scores[t] - mx));
+      const float total = exp_shift_sum(scores.data(), length, mx);
       float* o = out + ih * hd;
       std::fill(o, o + hd, 0.f);
       for (int64_t t = 0; t < length; ++t)
@@ -289,8 +332,7 @@ void decode_layer(at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin, c
   at::Tensor act = at::empty({n, inter}, h.options());
   for (int64_t i = 0; i < n; ++i) {
     const float* g = gate_up.data_ptr<float>() + i * 2 * inter;
-    float* a = act.data_ptr<float>() + i * inter;
-    for (int64_t j = 0; j < inter; ++j) a[j] = g[j] / (1.f + std::exp(-g[j])) * g[inter + j];
+    silu_mul(g, g + inter, act.data_ptr<float>() + i * inter, inter);
   }
   h.add_(run_group(act, spec, sp, tensors, tp));  // down_proj
   TORCH_CHECK(sp == spec.size() && tp == tensors.size(), "linear spec and tensors disagree");

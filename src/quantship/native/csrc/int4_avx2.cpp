@@ -7,7 +7,7 @@
 // activation rounding (relative error <= 1/254 of each block's absmax), the same order as the bf16
 // activations torch's integer kernels use.
 //
-// y[n] = sum_g ( s_g * sum_{b in g} d_b * <q_b, xq_b> + c_g * sum_{b in g} d_b * sum(xq_b) ),
+// y[n] = sum_g ( s_g * sum_{b in g} d_b * <q_b, xq_b> ) + sum_g c_g * (sum_{b in g} d_b * sum(xq_b)),
 // c_g = offset_g (asymmetric: W = q s + offset) or -8 s_g (symmetric: W = (q - 8) s).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -71,25 +71,44 @@ struct QuantizedRows {  // MT activation rows, quantized
   int64_t K, G;
 };
 
+float dot_floats(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float sum = quantship::hsum(acc);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// A weight row's group scales s_g and offset terms c_g as fp32 (converting fp16 once per row, not per
+// block: the per-group scalar conversions were a third of the inner loop's instructions).
+void row_scales(const uint16_t* s, const uint16_t* off, int64_t G, float* sf, float* cf) {
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) {
+    const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + g)));
+    _mm256_storeu_ps(sf + g, sv);
+    _mm256_storeu_ps(cf + g, off ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(off + g)))
+                                 : _mm256_mul_ps(sv, _mm256_set1_ps(-8.f)));
+  }
+  for (; g < G; ++g) {
+    sf[g] = half_to_float(s[g]);
+    cf[g] = off ? half_to_float(off[g]) : -8.f * sf[g];
+  }
+}
+
 // R weight rows x MT activation rows: R * MT independent accumulators hide the FMA latency.
+// sf, cf: the R rows' scales and offset terms (R x G, fp32).
 template <int R, int MT>
-void int4_tile(const uint8_t* w, int64_t row_bytes, const uint16_t* s, const uint16_t* off, int64_t group,
+void int4_tile(const uint8_t* w, int64_t row_bytes, const float* sf, const float* cf, int64_t group,
                const QuantizedRows& x, const float* bias, float* y, int64_t ldy) {
   const __m256i ones = _mm256_set1_epi16(1);
   const int64_t per_group = group / kBlock, blocks = x.K / kBlock;
   __m256 acc[R][MT];
-  float corr[R][MT];
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) { acc[r][m] = _mm256_setzero_ps(); corr[r][m] = 0.f; }
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < x.G; ++g) {
-    float sg[R];
-    for (int r = 0; r < R; ++r) {
-      sg[r] = half_to_float(s[r * x.G + g]);
-      const float cg = off ? half_to_float(off[r * x.G + g]) : -8.f * sg[r];
-      for (int m = 0; m < MT; ++m) corr[r][m] += cg * x.gsum[m * x.G + g];
-    }
     for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
-      if ((b & 3) == 0)  // one prefetch per 64-byte line (4 blocks); see linear_avx2.cpp
+      if ((b & 3) == 0)  // one prefetch per 64-byte line (4 blocks); see kernels.h
         for (int r = 0; r < R; ++r)
           _mm_prefetch(reinterpret_cast<const char*>(w + r * row_bytes + b * (kBlock / 2)) + quantship::kPrefetchBytes,
                        _MM_HINT_T0);
@@ -100,26 +119,30 @@ void int4_tile(const uint8_t* w, int64_t row_bytes, const uint16_t* s, const uin
         const float db = x.d[m * blocks + b];
         for (int r = 0; r < R; ++r) {
           const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(codes[r], xv), ones));
-          acc[r][m] = _mm256_fmadd_ps(dot, _mm256_set1_ps(sg[r] * db), acc[r][m]);
+          acc[r][m] = _mm256_fmadd_ps(dot, _mm256_set1_ps(sf[r * x.G + g] * db), acc[r][m]);
         }
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) y[m * ldy + r] = quantship::hsum(acc[r][m]) + corr[r][m] + (bias ? bias[r] : 0.f);
+    for (int m = 0; m < MT; ++m)
+      y[m * ldy + r] = quantship::hsum(acc[r][m]) + dot_floats(cf + r * x.G, x.gsum + m * x.G, x.G) +
+                       (bias ? bias[r] : 0.f);
 }
 
 template <int R>
 void int4_rows(const uint8_t* w, int64_t row_bytes, const uint16_t* s, const uint16_t* off, int64_t group,
-               const QuantizedRows& x, int64_t M, const float* bias, float* y, int64_t ldy) {
+               const QuantizedRows& x, int64_t M, const float* bias, float* y, int64_t ldy, float* sf, float* cf) {
   const int64_t blocks = x.K / kBlock;
+  for (int r = 0; r < R; ++r)
+    row_scales(s + r * x.G, off ? off + r * x.G : nullptr, x.G, sf + r * x.G, cf + r * x.G);
   auto rows = [&](int64_t m) { return QuantizedRows{x.xq + m * x.K, x.d + m * blocks, x.gsum + m * x.G, x.K, x.G}; };
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) int4_tile<R, 4>(w, row_bytes, s, off, group, rows(m), bias, y + m * ldy, ldy);
+  for (; m + 4 <= M; m += 4) int4_tile<R, 4>(w, row_bytes, sf, cf, group, rows(m), bias, y + m * ldy, ldy);
   switch (M - m) {
-    case 3: int4_tile<R, 3>(w, row_bytes, s, off, group, rows(m), bias, y + m * ldy, ldy); break;
-    case 2: int4_tile<R, 2>(w, row_bytes, s, off, group, rows(m), bias, y + m * ldy, ldy); break;
-    case 1: int4_tile<R, 1>(w, row_bytes, s, off, group, rows(m), bias, y + m * ldy, ldy); break;
+    case 3: int4_tile<R, 3>(w, row_bytes, sf, cf, group, rows(m), bias, y + m * ldy, ldy); break;
+    case 2: int4_tile<R, 2>(w, row_bytes, sf, cf, group, rows(m), bias, y + m * ldy, ldy); break;
+    case 1: int4_tile<R, 1>(w, row_bytes, sf, cf, group, rows(m), bias, y + m * ldy, ldy); break;
     default: break;
   }
 }
@@ -138,13 +161,14 @@ void int4_gemv(const uint8_t* w, const uint16_t* scale, const uint16_t* offset, 
   const QuantizedRows xr{xq.data(), d.data(), gsum.data(), K, G};
   constexpr int64_t R = 2;  // rows per tile: 2 x 4 accumulators at M >= 4, 2 chains at M = 1
   at::parallel_for(0, (N + R - 1) / R, 8, [&](int64_t t0, int64_t t1) {
+    std::vector<float> sf(R * G), cf(R * G);  // the current row tile's scales and offset terms
     for (int64_t n = t0 * R; n < std::min(N, t1 * R); n += R) {
       const uint16_t* off = offset ? offset + n * G : nullptr;
       const float* b = bias ? bias + n : nullptr;
       if (n + R <= N)
-        int4_rows<R>(w + n * row_bytes, row_bytes, scale + n * G, off, group, xr, M, b, y + n, N);
+        int4_rows<R>(w + n * row_bytes, row_bytes, scale + n * G, off, group, xr, M, b, y + n, N, sf.data(), cf.data());
       else
-        int4_rows<1>(w + n * row_bytes, row_bytes, scale + n * G, off, group, xr, M, b, y + n, N);
+        int4_rows<1>(w + n * row_bytes, row_bytes, scale + n * G, off, group, xr, M, b, y + n, N, sf.data(), cf.data());
     }
   });
 }
