@@ -37,7 +37,7 @@ def make_tokenizer():
 
 def make_config(arch: str, vocab_size: int):
     from transformers import (Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Phi3Config,
-                              Qwen2Config)
+                              Qwen2Config, Qwen3Config)
 
     common = dict(vocab_size=vocab_size, eos_token_id=0, pad_token_id=1, bos_token_id=0)
     if arch == "llama":
@@ -46,6 +46,9 @@ def make_config(arch: str, vocab_size: int):
     if arch == "qwen2":
         return Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, max_position_embeddings=256, **common)
+    if arch == "qwen3":  # RMSNorm over head_dim on q and k before rope
+        return Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, max_position_embeddings=256, **common)
     if arch == "mistral":
         return MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, max_position_embeddings=256, sliding_window=None, **common)

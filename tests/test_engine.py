@@ -47,15 +47,7 @@ def test_batching_does_not_change_a_requests_output(tiny):
 
 
 def test_qwen3_qk_norm_family_matches():
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
-    from conftest import make_tokenizer
-
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    cfg = Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, vocab_size=len(tok), max_position_embeddings=256)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model, tok = build_tiny_model("qwen3")
     out = Engine(model, tok, fast=False).generate([PROMPTS[0]], GREEDY)[0]
     assert out == hf_greedy(model, tok, PROMPTS[0], GREEDY.max_tokens)
 

@@ -24,6 +24,7 @@ reference path (docs/results/kernels.md).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -169,28 +170,49 @@ def _prepare_w8a8(layer) -> None:
     )
 
 
+def _is_int8_weight_only(layer) -> bool:
+    s = layer.scheme
+    return s.kind == "int" and s.bits == 8 and s.symmetric and s.granularity == "channel" and not s.act_bits
+
+
+def _is_w8a8(layer) -> bool:
+    s = layer.scheme
+    return s.kind == "int" and s.bits == 8 and s.symmetric and s.granularity == "channel" and s.act_bits == 8
+
+
+def _is_int4_group(layer) -> bool:
+    s = layer.scheme
+    return s.kind == "int" and s.bits == 4 and s.granularity == "group" and s.group_size in (32, 64, 128, 256) \
+        and layer.in_features % s.group_size == 0
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    applies: Callable[[torch.nn.Module], bool]  # the layer's scheme/shape is one this kernel multiplies
+    available: Callable[[torch.nn.Module], bool]  # ... and it can run here (native build, torch op present)
+    prepare: Callable[[torch.nn.Module], None]  # fills layer.kernel_state
+    forward: KernelFn
+
+
+# In order of preference: the first kernel that applies and is available wins.
+KERNELS = (
+    Kernel("int8_native", _is_int8_weight_only, _native_ok, _prepare_int8_native, _int8_native),
+    Kernel("int8_weight_only", _is_int8_weight_only, lambda _: _has_op("_weight_int8pack_mm"), _prepare_int8,
+           _int8_weight_only),
+    Kernel("w8a8_int8_int_mm", _is_w8a8, lambda _: _has_op("_int_mm"), _prepare_w8a8, _w8a8_int),
+    Kernel("int4_native", _is_int4_group, _native_ok, _prepare_int4_native, _int4_native),
+    Kernel("int4_group", _is_int4_group, lambda _: _has_op("_weight_int4pack_mm_for_cpu"), _prepare_int4,
+           _int4_group),
+)
+
+
 def select_kernel(layer) -> tuple[str, KernelFn | None]:
     """-> (kernel name, fn) for a QuantLinear; ("reference", None) when no fast kernel applies."""
-    s = layer.scheme
-    if s.kind == "int" and s.bits == 8 and s.symmetric and s.granularity == "channel" and not s.act_bits:
-        if _native_ok(layer):
-            _prepare_int8_native(layer)
-            return "int8_native", _int8_native
-        if _has_op("_weight_int8pack_mm"):
-            _prepare_int8(layer)
-            return "int8_weight_only", _int8_weight_only
-    if s.kind == "int" and s.bits == 8 and s.symmetric and s.granularity == "channel" and s.act_bits == 8 \
-            and _has_op("_int_mm"):
-        _prepare_w8a8(layer)
-        return "w8a8_int8_int_mm", _w8a8_int
-    if s.kind == "int" and s.bits == 4 and s.granularity == "group" and s.group_size in (32, 64, 128, 256) \
-            and layer.in_features % s.group_size == 0:
-        if _native_ok(layer):
-            _prepare_int4_native(layer)
-            return "int4_native", _int4_native
-        if _has_op("_weight_int4pack_mm_for_cpu"):
-            _prepare_int4(layer)
-            return "int4_group", _int4_group
+    for kernel in KERNELS:
+        if kernel.applies(layer) and kernel.available(layer):
+            kernel.prepare(layer)
+            return kernel.name, kernel.forward
     return "reference", None
 
 
