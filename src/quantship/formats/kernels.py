@@ -1,14 +1,18 @@
-"""Fast CPU kernels for QuantLinear, chosen per layer by measurement-backed rules.
+"""Fast CPU kernels for QuantLinear, chosen per layer from a preference-ordered table (KERNELS).
 
-Measured here (AMD EPYC, 2 cores, AVX-512; docs/results/kernels.md, benchmarks/kernels.py):
+Preferred: quantship's native AVX2 kernels (quantship/native, built by `make setup`), then torch's
+own. Measured on a 2-core AVX2 EPYC (session 5, docs/results/kernels.md, benchmarks/kernels.py):
 batch-1 GEMV of a 1536x576 layer, cold caches (60 distinct layers cycled), median of repeats:
-    fp32 F.linear                                              ~246 us
-    int8 weight-only (_weight_int8pack_mm, bf16 activations)   ~49 us   (5.0x)
-    int4 group-wise (_weight_int4pack_mm_for_cpu, bf16 act.)   ~29 us   (8.5x)
-Decode is bound by bytes read, so the integer kernels win by roughly their compression.
-Both take bf16 activations (the output is cast back): they trade exactness with the
-reference path for speed, which is why QuantLinear uses them only after prepare_fast().
-Other formats (int2/3, nf4, fp8, per-tensor) keep the reference dequantize-then-matmul path.
+    fp32 F.linear                                               ~370 us
+    int8: native (fp32 activations)        ~91 us | torch _weight_int8pack_mm (bf16 act.)  ~173 us
+    int4 g32: native (int8-rounded act.)   ~70 us | torch _weight_int4pack_mm_for_cpu      ~100 us
+Decode is bound by bytes read, so the integer kernels win by roughly their compression. The
+native int8 kernel is exact up to fp32 summation order; torch's kernels run bf16 activations and
+the native int4 kernel rounds activations to int8 per 32 (as llama.cpp does): they trade exactness
+with the reference path for speed, which is why QuantLinear uses them only after prepare_fast().
+Many rows (prefill) dequantize the layer once and run the dense fp32 GEMM instead
+(INT8_DENSE_MIN_ROWS, INT4_DENSE_MIN_ROWS). Other formats (int2/3, nf4, fp8, per-tensor) keep the
+reference dequantize-then-matmul path.
 
 w8a8 (int8 weights x int8 activations) really multiplies in int8: activations are quantized
 per token (or with the layer's static scale) exactly as the reference does, multiplied with
