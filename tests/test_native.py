@@ -152,3 +152,39 @@ def test_weight_bytes_count_fused_and_repacked_weights(tiny_models):
         head = engine.forward.head.storage_bytes()
         norms = sum(p.numel() * 4 for layer in engine.forward.layers for n, p in layer.named_parameters() if "norm" in n)
         assert stored + head <= engine.weight_bytes() <= 1.1 * (stored + head) + norms + 4 * r.model.config.hidden_size
+
+
+def test_a_failed_build_falls_back_with_the_reason(monkeypatch, caplog):
+    def no_compiler():
+        raise RuntimeError("Error building extension 'quantship_native': g++ not found")
+
+    monkeypatch.setattr(native, "_state", {})  # as in a fresh process; restored after the test
+    monkeypatch.setattr(native, "_build", no_compiler)
+    assert native.available() is False
+    assert "g++ not found" in native.unavailable_reason()
+    assert "using torch's kernels" in caplog.text
+    from quantship.formats.kernels import select_kernel
+    from quantship.formats.linear import QuantLinear
+    from quantship.formats.grid import quantize_weight
+    from quantship.formats.scheme import parse_scheme
+
+    layer = QuantLinear.from_quantized(quantize_weight(parse_scheme("w8"), torch.randn(8, 64)), None)
+    assert select_kernel(layer)[0] == "int8_weight_only"
+
+
+def test_an_interrupted_build_lock_is_removed_when_stale(monkeypatch, tmp_path):
+    import time
+
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("QUANTSHIP_HOME", str(tmp_path))
+    lock = tmp_path / "native" / native._source_hash() / "lock"
+    lock.parent.mkdir(parents=True)
+    seen = []
+    monkeypatch.setattr(cpp, "load", lambda **kw: seen.append(lock.exists()))
+    lock.touch()  # a build running right now: its lock stays
+    native._build()
+    old = time.time() - 2 * native._STALE_LOCK_S
+    os.utime(lock, (old, old))  # a build killed long ago: torch would wait on this lock forever
+    native._build()
+    assert seen == [True, False]
