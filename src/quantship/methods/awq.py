@@ -7,8 +7,8 @@ being plain rounding), normalised to geometric mean 1, minimising the group's ou
 (its output divided by s, exact in float) and the linears' input columns (multiplied by s).
 Then a per-group clipping search shrinks each group's range to minimise that group's output
 error. The weights are finally rounded (`awq`, `awq+rtn`) or handed to GPTQ (`awq+gptq`) with
-the Hessian of the folded inputs: with true_sequential (the default) collected from the folded
-block with the earlier groups already quantized, else the float H rescaled, H' = H / (s s^T).
+the Hessian of the folded inputs: the float H rescaled, H' = H / (s s^T), or with
+true_sequential collected from the folded block with the earlier groups already quantized.
 
 Ours compares the linears' outputs, not the whole attention/MLP output the reference uses.
 Under grouped-query attention o_proj's inputs are v_proj's outputs repeated per head group: s is
@@ -54,7 +54,7 @@ class AWQGPTQParams(AWQParams):
     block_size: int = 128
     act_order: bool = True
     max_damp_retries: int = 6
-    true_sequential: bool = True  # GPTQ's: each group's H from the block with earlier groups quantized
+    true_sequential: bool = False  # GPTQ's: each group's H from the block with earlier groups quantized
 
     def gptq(self) -> GPTQParams:
         return GPTQParams(percdamp=self.percdamp, block_size=self.block_size, act_order=self.act_order,
