@@ -55,8 +55,9 @@ class GPTQParams:
     batch_size: int = 4  # calibration windows per block forward (smaller: less transient memory)
     # inside a block, quantize the input groups in forward order (q/k/v, o, gate/up, down) and take
     # each later group's Hessian from inputs produced by the already-quantized earlier linears.
-    # Off by default: on SmolLM2 w3g64 (128 x 512) it moved ppl 44.80 -> 44.70 (gap closed 78.2% ->
-    # 78.3%) but KLD 0.499 -> 0.513: no measurable gain (docs/results/methods.md, session 5)
+    # Off by default: on SmolLM2 w3g64 (128 x 512) at percdamp 0.1 ppl 44.80 -> 44.70 but KLD 0.499
+    # -> 0.513 (no gain); at percdamp 0.01 ppl 43.55 -> 43.25, gap closed 79.9% -> 80.3%; w4 not
+    # measured with it (docs/results/methods.md, session 5)
     true_sequential: bool = False
 
     def __post_init__(self) -> None:
