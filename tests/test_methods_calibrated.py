@@ -345,6 +345,22 @@ def _hessian_by_hand(model, group_input: str, tokens) -> torch.Tensor:
     return (x.t() @ x / x.shape[0]).float()
 
 
+def _gptq_block0(monkeypatch, arch: str, *, true_sequential: bool):
+    """GPTQ w3g32 on a tiny model of `arch`, recording every solve -> (block 0's calls, facts, tokens)."""
+    from quantship.methods import gptq as gptq_module
+    from quantship.models.arch import arch_facts
+    from quantship.pipeline import find_targets
+
+    model, _ = build_tiny_model(arch)
+    facts = arch_facts(model.config.model_type)
+    tokens = torch.randint(2, 250, (6, 32), generator=torch.Generator().manual_seed(0))
+    targets = find_targets(model, facts, QuantSpec(scheme="w3g32", method="gptq"))
+    calls = _record_gptq_calls(monkeypatch, gptq_module)
+    gptq_module.run_gptq(model, targets, parse_scheme("w3g32"), GPTQParams(true_sequential=true_sequential), tokens,
+                         progress=False)
+    return _block0_calls(calls, facts), facts, tokens
+
+
 def _block0_calls(calls, facts):
     prefix = f"{facts.blocks}.0."
     return [(tuple(n[len(prefix):] for n in names), h, qws) for names, h, qws in calls if names[0].startswith(prefix)]
@@ -355,19 +371,9 @@ def test_true_sequential_hessian_comes_from_the_quantized_earlier_groups(monkeyp
     # Layer-wise: in block 0 (its input, the embeddings, is the same for the float and quantized
     # model), each group's Hessian must equal E[x x^T] computed by hand from a float model whose
     # EARLIER groups of block 0 carry the quantized values, and must differ from the float one.
-    from quantship.methods import gptq as gptq_module
     from quantship.methods.layerwise import _load_dequantized
-    from quantship.models.arch import arch_facts
-    from quantship.pipeline import find_targets
 
-    model, _ = build_tiny_model(arch)
-    facts = arch_facts(model.config.model_type)
-    tokens = torch.randint(2, 250, (6, 32), generator=torch.Generator().manual_seed(0))
-    targets = find_targets(model, facts, QuantSpec(scheme="w3g32", method="gptq"))
-    calls = _record_gptq_calls(monkeypatch, gptq_module)
-    gptq_module.run_gptq(model, targets, parse_scheme("w3g32"), GPTQParams(true_sequential=True), tokens,
-                         progress=False)
-    block0 = _block0_calls(calls, facts)
+    block0, facts, tokens = _gptq_block0(monkeypatch, arch, true_sequential=True)
     assert [group for group, _, _ in block0] == FORWARD_ORDER[arch]
 
     reference, _ = build_tiny_model(arch)  # same seed: the float weights before quantization
@@ -384,19 +390,9 @@ def test_true_sequential_hessian_comes_from_the_quantized_earlier_groups(monkeyp
 
 
 def test_without_true_sequential_every_hessian_comes_from_the_float_block(monkeypatch):
-    from quantship.methods import gptq as gptq_module
-    from quantship.models.arch import arch_facts
-    from quantship.pipeline import find_targets
-
-    model, _ = build_tiny_model("llama")
-    facts = arch_facts(model.config.model_type)
-    tokens = torch.randint(2, 250, (6, 32), generator=torch.Generator().manual_seed(0))
-    targets = find_targets(model, facts, QuantSpec(scheme="w3g32", method="gptq"))
-    calls = _record_gptq_calls(monkeypatch, gptq_module)
-    gptq_module.run_gptq(model, targets, parse_scheme("w3g32"), GPTQParams(true_sequential=False), tokens,
-                         progress=False)
+    block0, facts, tokens = _gptq_block0(monkeypatch, "llama", true_sequential=False)
     float_model, _ = build_tiny_model("llama")
-    for group, hessian, _ in _block0_calls(calls, facts):
+    for group, hessian, _ in block0:
         by_hand = _hessian_by_hand(float_model, f"{facts.blocks}.0.{group[0]}", tokens)
         assert torch.allclose(hessian, by_hand, rtol=1e-4, atol=1e-6 * by_hand.abs().max()), group
 
