@@ -26,9 +26,8 @@ _EMPTY = torch.empty(0)
 class LinearKind(enum.IntEnum):  # must match decode_layer.cpp
     DENSE = 0
     INT8 = 1
-    INT4PACK = 2
-    W8A8 = 3
-    INT4 = 4
+    W8A8 = 2
+    INT4 = 3
 
 
 class Unsupported(Exception):
@@ -50,9 +49,6 @@ def describe_linear(module: nn.Module) -> tuple[LinearKind, int, list[torch.Tens
         if name == "int4_native":
             offsets = module.offsets if module.offsets is not None else _EMPTY
             return LinearKind.INT4, module.scheme.group_size, [s["w_int4"], module.scales, _f32(s["bias_f32"]), offsets]
-        if name == "int4_group":
-            return (LinearKind.INT4PACK, module.scheme.group_size,
-                    [s["w_int4"], s["scales_zeros"], _f32(s["bias"]), _EMPTY])
         if name == "w8a8_int8_int_mm":
             return LinearKind.W8A8, 0, [s["w_int8_t"], s["scales"], _f32(s["bias"]), _f32(module.act_scale)]
         raise Unsupported(f"{module.scheme.name} projections use the reference path (kernel {name!r})")
@@ -75,8 +71,8 @@ class NativeDecode:
     @classmethod
     def build(cls, forward, cache) -> "NativeDecode | None":
         try:
-            return cls(forward, [_describe_layer(forward, i) for i in range(len(forward.layers))]) \
-                if _check(forward, cache) else None
+            _check(forward, cache)
+            return cls(forward, [_describe_layer(forward, i) for i in range(len(forward.layers))])
         except Unsupported as e:
             log.info("native decode not used: %s", e)
             return None
@@ -97,7 +93,8 @@ class NativeDecode:
         return f.head(f.inner.norm(h)).float()
 
 
-def _check(forward, cache) -> bool:
+def _check(forward, cache) -> None:
+    """Raise Unsupported when the model, cache or machine has no native decode."""
     cfg = forward.model.config
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise Unsupported(f"activation {cfg.hidden_act!r} (native decode has SiLU)")
@@ -105,7 +102,6 @@ def _check(forward, cache) -> bool:
         raise Unsupported(f"KV cache {cache.kind!r} (native decode reads float32, bfloat16, int8)")
     if not native.available():
         raise Unsupported(native.unavailable_reason())
-    return True
 
 
 def _describe_layer(forward, i: int) -> tuple[list, list, list]:

@@ -88,13 +88,10 @@ def _prepare_int8_native(layer) -> None:
 
 
 def _prepare_int8(layer) -> None:
+    _prepare_int8_native(layer)  # the codes view and fp32 scale/bias (dense prefill path), plus bf16 copies:
     layer.kernel_state.update(
-        w_int8=layer.qweight.view(torch.int8),  # two's-complement storage: zero-copy
         scales=layer.scales.reshape(-1).to(torch.bfloat16),
         bias=layer.bias.to(torch.bfloat16) if layer.bias is not None else None,
-        scales_f32=layer.scales.reshape(-1).float(),  # dense prefill path
-        bias_f32=layer.bias.float() if layer.bias is not None else None,
-        owns_weights=False,
     )
 
 

@@ -28,7 +28,7 @@
 namespace {
 
 // How a projection multiplies; the ints come from quantship/native/decode.py (LinearKind).
-enum LinearKind : int64_t { DENSE = 0, INT8 = 1, INT4PACK = 2, W8A8 = 3, INT4 = 4 };
+enum LinearKind : int64_t { DENSE = 0, INT8 = 1, W8A8 = 2, INT4 = 3 };
 constexpr int kTensorsPerLinear = 4;  // (a, b, bias, extra): see run_linear
 // Up to this many rows our fp32 GEMV beats torch's F.linear (1.2-3.5x on the default model's
 // shapes, docs/results/kernels.md); from 32 rows on torch's blocked GEMM wins.
@@ -57,10 +57,6 @@ at::Tensor run_linear(const at::Tensor& x, int64_t kind, int64_t group, const at
       quantship::int8_gemv(a.data_ptr<int8_t>(), b.data_ptr<float>(), has_bias ? bias.data_ptr<float>() : nullptr,
                            x.data_ptr<float>(), y.data_ptr<float>(), M, N, K);
       return y;
-    }
-    case INT4PACK: {  // a: torch int4pack codes, b: bf16 scales_and_zeros (K/g, N, 2)
-      at::Tensor y = at::_weight_int4pack_mm_for_cpu(x.to(at::kBFloat16), a, group, b).to(at::kFloat);
-      return has_bias ? y.add_(bias) : y;
     }
     case INT4: {  // a: int4 32-code blocks (N, K/2), b: fp16 scale (N, K/g), extra: fp16 offset or empty
       const int64_t M = x.size(0), N = a.size(0), K = a.size(1) * 2;
