@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..formats.grid import QuantizedWeight, quantize_weight
+from ..formats.linear import quantize_activations
 from ..formats.scheme import Scheme
 from .fold import expand_to_consumer, fold_input_scale, group_layout, reduce_to_prev
 from .registry import Method, register_method
@@ -43,6 +44,18 @@ from .registry import Method, register_method
 @dataclass(frozen=True)
 class SmoothQuantParams:
     alpha: float = 0.5  # migration strength: 0 = no smoothing, 1 = all difficulty to the weights
+    # per-group alpha search: alpha from alpha_min, alpha_min + alpha_step, ..., alpha_max (plus `alpha`
+    # itself) minimising the group's w8a8 output error on calibration rows; `alpha` when off
+    alpha_search: bool = False
+    alpha_min: float = 0.3
+    alpha_max: float = 0.9
+    alpha_step: float = 0.05
+    sample_tokens: int = 1024  # calibration rows per group kept for the alpha search and clip
+    # how the smoothed int8 weights are rounded: "rtn" (nearest), or "gptq" (GPTQ against the
+    # Hessian of the smoothed inputs, H / (s s^T), with GPTQ's defaults and this percdamp)
+    weight_method: str = "rtn"
+    percdamp: float = 0.1
+    clip: bool = False  # rtn: per-row int8 range shrink minimising the output error on calibration rows
     groups: str = "all"  # "all" foldable groups, or "norm" (only norm-fed groups, as the paper)
     static_act: bool = False  # one calibrated per-tensor activation scale per linear (else per token)
     min_value: float = 1e-5  # floor of max|X_j| and max|W_j| (dead channels)
@@ -58,6 +71,27 @@ class SmoothQuantParams:
             raise ValueError(f"groups must be 'all' or 'norm', got {self.groups!r}")
         if self.min_value <= 0 or self.batch_size < 1:
             raise ValueError("min_value must be > 0 and batch_size >= 1")
+        if not 0.0 <= self.alpha_min <= self.alpha_max <= 1.0:
+            raise ValueError(f"need 0 <= alpha_min <= alpha_max <= 1, got alpha_min={self.alpha_min}, "
+                             f"alpha_max={self.alpha_max}")
+        if self.weight_method not in ("rtn", "gptq"):
+            raise ValueError(f"weight_method must be 'rtn' or 'gptq', got {self.weight_method!r}")
+        if not 0.0 <= self.percdamp < 10.0:
+            raise ValueError(f"percdamp must be in [0, 10), got {self.percdamp}")
+        if self.alpha_step <= 0 or self.sample_tokens < 1:
+            raise ValueError(f"alpha_step must be > 0 and sample_tokens >= 1, got alpha_step={self.alpha_step}, "
+                             f"sample_tokens={self.sample_tokens}")
+
+    def alpha_grid(self) -> list[float]:
+        """The alphas the search tries: the grid from alpha_min to alpha_max, and `alpha` itself
+        (so the chosen alpha never has a larger calibration error than the fixed one)."""
+        n = int(round((self.alpha_max - self.alpha_min) / self.alpha_step + 1e-9))
+        grid = {round(min(self.alpha_min + k * self.alpha_step, self.alpha_max), 6) for k in range(n + 1)}
+        return sorted(grid | {self.alpha_max, self.alpha})
+
+    @property
+    def needs_samples(self) -> bool:
+        return self.alpha_search or (self.clip and self.weight_method == "rtn")
 
     def weight_only_names(self) -> list[str]:
         return [n.strip() for n in self.weight_only.split(",") if n.strip()]
@@ -81,20 +115,64 @@ def _outlier_ratio(v: torch.Tensor) -> float:
     return round((v.max() / v.median().clamp_min(1e-12)).item(), 2)
 
 
-def _smooth_group(ctx, group: tuple[str, ...], scale_group, params: SmoothQuantParams) -> tuple[torch.Tensor, dict]:
-    """Compute and fold one group's scale. -> (s expanded to the linears' inputs, statistics)."""
+def fake_quant_w8a8(scheme: Scheme, x: torch.Tensor, w: torch.Tensor, static_max: float | None = None
+                    ) -> torch.Tensor:
+    """Q_a(x) Q_w(w)^T as the w8a8 layer computes it; x (T, in), w (out, in) -> (T, out).
+
+    Activations per token (dynamic) or with one scale from static_max (static_act)."""
+    static = None if static_max is None else torch.tensor(max(static_max, 1e-8) / 127.0)
+    codes, a_scale = quantize_activations(x, scheme.act_bits, static)
+    return (codes * a_scale) @ quantize_weight(scheme, w).dequantize().t()
+
+
+@torch.no_grad()
+def search_alpha(x: torch.Tensor, w: torch.Tensor, act_max: torch.Tensor, w_max: torch.Tensor, scheme: Scheme,
+                 params: SmoothQuantParams, expand=lambda s: s) -> tuple[float, torch.Tensor, dict[float, float]]:
+    """Alpha on params.alpha_grid() minimising the group's output error on calibration rows:
+
+        E(alpha) = mean || x W^T - Q_a(x / s) Q_w(W s)^T ||^2,   s = s(alpha) as smoothing_scale
+
+    x (T, in) the group's inputs, w (out, in) its linears' rows stacked; act_max, w_max (prev,)
+    in the predecessor's channel space, expand maps a scale onto w's inputs (GQA). -> (alpha, s, errors)."""
+    ref = x @ w.t()  # (T, out)
+    errors: dict[float, float] = {}
+    best = (float("inf"), params.alpha, None)
+    for alpha in params.alpha_grid():
+        s = smoothing_scale(act_max, w_max, alpha, params.min_value)
+        s_in = expand(s)
+        static_max = (expand(act_max) / s_in).max().item() if params.static_act else None
+        err = (fake_quant_w8a8(scheme, x / s_in, w * s_in, static_max) - ref).pow(2).mean().item()
+        errors[alpha] = err
+        if err < best[0]:
+            best = (err, alpha, s)
+    return best[1], best[2], errors
+
+
+def _smooth_group(ctx, group: tuple[str, ...], scale_group, scheme: Scheme, params: SmoothQuantParams
+                  ) -> tuple[torch.Tensor, dict]:
+    """Compute (fixed or searched alpha) and fold one group's scale. -> (s expanded to the linears' inputs, statistics)."""
     from ..pipeline import linear_weight
 
     n_rep, head_dim = group_layout(ctx.block, scale_group)
     act_max = reduce_to_prev(ctx.stats[group].abs_max, n_rep, head_dim)  # (prev out,)
-    w_max = torch.stack([reduce_to_prev(linear_weight(ctx.block.get_submodule(n)).float().abs().amax(0),
-                                        n_rep, head_dim) for n in group]).amax(0)
-    s = smoothing_scale(act_max, w_max, params.alpha, params.min_value)
+    weights = [linear_weight(ctx.block.get_submodule(n)).float() for n in group]
+    w_max = torch.stack([reduce_to_prev(w.abs().amax(0), n_rep, head_dim) for w in weights]).amax(0)
+    info: dict = {}
+    if params.alpha_search:
+        alpha, s, errors = search_alpha(ctx.stats[group].sample(), torch.cat(weights), act_max, w_max, scheme,
+                                        params, expand=lambda v: expand_to_consumer(v, n_rep, head_dim))
+        info = {"alpha": alpha, "error": _sig(errors[alpha]), f"error_alpha_{params.alpha}": _sig(errors[params.alpha])}
+    else:
+        s = smoothing_scale(act_max, w_max, params.alpha, params.min_value)
     fold_input_scale(ctx.block, scale_group, ctx.facts, s)
-    info = {"act_outlier_ratio": _outlier_ratio(act_max), "act_outlier_ratio_smoothed": _outlier_ratio(act_max / s),
-            "weight_outlier_ratio": _outlier_ratio(w_max), "weight_outlier_ratio_smoothed": _outlier_ratio(w_max * s),
-            "s_min": round(s.min().item(), 4), "s_max": round(s.max().item(), 4)}
+    info |= {"act_outlier_ratio": _outlier_ratio(act_max), "act_outlier_ratio_smoothed": _outlier_ratio(act_max / s),
+             "weight_outlier_ratio": _outlier_ratio(w_max), "weight_outlier_ratio_smoothed": _outlier_ratio(w_max * s),
+             "s_min": round(s.min().item(), 4), "s_max": round(s.max().item(), 4)}
     return expand_to_consumer(s, n_rep, head_dim), info
+
+
+def _sig(v: float) -> float:
+    return float(f"{v:.4g}")
 
 
 def smoothquant_block_solver(scheme: Scheme, params: SmoothQuantParams, report: dict):
@@ -110,27 +188,56 @@ def smoothquant_block_solver(scheme: Scheme, params: SmoothQuantParams, report: 
             key = f"{ctx.prefix}:{','.join(group)}"
             # weight-only layers read float activations: smoothing would only make their weights harder
             if sg is None or tuple(sg.linears) != group or (params.groups == "norm" and sg.prev_kind != "norm") \
-                    or params.alpha == 0.0 or all(params.is_weight_only(n) for n in group):
+                    or (params.alpha == 0.0 and not params.alpha_search) or all(params.is_weight_only(n) for n in group):
                 stats_report["unsmoothed"].append(key)
                 continue
-            scales[group], stats_report["groups"][key] = _smooth_group(ctx, group, sg, params)
+            scales[group], stats_report["groups"][key] = _smooth_group(ctx, group, sg, scheme, params)
         chosen: dict[str, QuantizedWeight] = {}
         for group in ctx.groups:
             s = scales.get(group)
             act_max = ctx.stats[group].abs_max if s is None else ctx.stats[group].abs_max / s
+            names = [n for n in group if not params.is_weight_only(n)]
             for name in group:
-                weight = linear_weight(ctx.block.get_submodule(name)).float()
-                if params.is_weight_only(name):
-                    chosen[name] = quantize_weight(weight_only_scheme, weight)
+                if name not in names:
+                    chosen[name] = quantize_weight(weight_only_scheme, linear_weight(ctx.block.get_submodule(name)))
                     stats_report["weight_only"].append(f"{ctx.prefix}.{name}")
-                    continue
-                qw = quantize_weight(scheme, weight)
+            if not names:
+                continue
+            weights = [linear_weight(ctx.block.get_submodule(n)).float() for n in names]
+            for name, qw in zip(names, _round_group(ctx, group, names, weights, s, scheme, params, report)):
                 if params.static_act:
                     qw.act_scale = (act_max.max().clamp_min(params.min_value) / 127.0).reshape(1)
                 chosen[name] = qw
         return chosen
 
     return solve
+
+
+def _round_group(ctx, group, names, weights, s, scheme: Scheme, params: SmoothQuantParams, report: dict
+                 ) -> list[QuantizedWeight]:
+    """Round the smoothed weights of one group's int8 x int8 linears: nearest (optionally with
+    an output-error clip per row), or GPTQ against the smoothed inputs' Hessian H / (s s^T)."""
+    if params.weight_method == "gptq":
+        from .gptq import GPTQParams, quantize_group_gptq
+
+        h = ctx.stats[group].mean_hessian()
+        h = h if s is None else h / torch.outer(s, s)
+        return quantize_group_gptq(weights, h, scheme, GPTQParams(percdamp=params.percdamp),
+                                   [f"{ctx.prefix}.{n}" for n in names], report)
+    if not params.clip:
+        return [quantize_weight(scheme, w) for w in weights]
+    x = ctx.stats[group].sample()
+    x = x if s is None else x / s  # (T, in): the inputs the smoothed weights see
+    return [quantize_weight(scheme, w, output_clip_ratio(w, x, scheme)) for w in weights]
+
+
+@torch.no_grad()
+def output_clip_ratio(w: torch.Tensor, x: torch.Tensor, scheme: Scheme, grid: int = 20, clip_min: float = 0.5
+                      ) -> torch.Tensor:
+    """Per-row range shrink r in [clip_min, 1] minimising sum_t ((W - Q(W; r)) x_t)^2. -> (out, 1)."""
+    from .rtn import best_clip_ratio
+
+    return best_clip_ratio(scheme, w, grid, clip_min, lambda d: (x @ d.t()).pow(2).sum(0).unsqueeze(1))
 
 
 def run(model, targets, scheme: Scheme, params: SmoothQuantParams, calib, *, progress: bool = True,
@@ -145,7 +252,8 @@ def run(model, targets, scheme: Scheme, params: SmoothQuantParams, calib, *, pro
                              f"linear names here: {', '.join(leaf_names)}")
     chosen = run_layerwise_with_leftovers(
         model, targets, calib, smoothquant_block_solver(scheme, params, report), scheme=scheme,
-        batch_size=params.batch_size, want_hessian=False, progress=progress, report=report,
+        batch_size=params.batch_size, want_hessian=params.weight_method == "gptq", progress=progress,
+        report=report, sample_tokens=params.sample_tokens if params.needs_samples else 0,
         desc=f"smoothquant {scheme.name}")
     _summarise(report.get("smoothquant", {}))
     return chosen
@@ -163,6 +271,12 @@ def _summarise(sq: dict) -> None:
                      "act_outlier_ratio_smoothed_median": round(after.median().item(), 2),
                      "act_outlier_ratio_max": round(before.max().item(), 2),
                      "act_outlier_ratio_smoothed_max": round(after.max().item(), 2)}
+    searched: dict[str, list[float]] = {}
+    for key, g in groups.items():
+        if "alpha" in g:
+            searched.setdefault(key.split(":", 1)[1], []).append(g["alpha"])
+    if searched:  # the alphas chosen per kind of group, in block order
+        sq["summary"]["alpha_by_group"] = searched
 
 
 def supports(scheme: Scheme) -> bool:
