@@ -310,6 +310,8 @@ def test_true_sequential_gives_a_valid_artifact_on_every_architecture_table(tiny
     assert manifest["method"]["params"]["true_sequential"] is True
     blocks = manifest["method_report"]["layerwise"]["blocks"]
     assert all(b["sequential_stats_s"] > 0 for b in blocks)
+    # every table with residual branches runs them branch by branch (OPT's MLP is no submodule)
+    assert manifest["method_report"]["layerwise"]["runner"] == ("whole blocks" if arch == "opt" else "branches")
     assert not manifest["method_report"].get("gptq_rtn_fallback")
     model, tok = quantship.load(out)
     ids = tok("def add(a, b):", return_tensors="pt")["input_ids"]

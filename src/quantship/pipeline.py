@@ -109,10 +109,17 @@ def quantize_model(model: nn.Module, tokenizer, spec: QuantSpec, *, source: Path
             _swap(model, name, module, qw, result)
             trim()
     else:
-        chosen = method.run(model, targets, scheme, params, calib, progress=progress, report=result.extra)
-        for name, module in targets.items():
-            _swap(model, name, model.get_submodule(name), chosen.pop(name), result)
+        def swap_now(name: str, qw: QuantizedWeight) -> None:
+            _swap(model, name, model.get_submodule(name), qw, result)
             trim()
+
+        stream = {"on_quantized": swap_now} if method.streams else {}
+        chosen = method.run(model, targets, scheme, params, calib, progress=progress, report=result.extra, **stream)
+        for name in [n for n in targets if n in chosen]:
+            swap_now(name, chosen.pop(name))
+        missing = [n for n in targets if n not in result.modules]
+        if missing:
+            raise RuntimeError(f"method {method.name!r} returned no quantized weight for {missing[:3]}")
     if spec.quantize_head and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # the head is quantized, the embedding stays float
     result.timings["quantize_s"] = round(time.perf_counter() - started, 3)

@@ -169,7 +169,7 @@ def folded_hessian(ctx, group: tuple[str, ...], s: torch.Tensor | None, sequenti
 
 def _runner(use_gptq: bool):
     def run(model, targets, scheme: Scheme, params: AWQParams, calib, *, progress: bool = True,
-            report: dict | None = None):
+            report: dict | None = None, on_quantized=None):
         from .layerwise import run_layerwise_with_leftovers
 
         report = report if report is not None else {}
@@ -178,7 +178,7 @@ def _runner(use_gptq: bool):
             model, targets, calib, awq_block_solver(scheme, params, report, use_gptq), scheme=scheme,
             batch_size=params.batch_size, sample_tokens=params.sample_tokens,
             want_hessian=use_gptq and not params.true_sequential,  # sequential: collected per group
-            progress=progress, report=report, desc=f"{name} {scheme.name}")
+            progress=progress, report=report, desc=f"{name} {scheme.name}", on_quantized=on_quantized)
     return run
 
 
@@ -195,5 +195,5 @@ for _name, _params, _gptq, _doc in (
     ("awq+rtn", AWQParams, False, "AWQ activation-aware scaling + clipping, then round to nearest"),
     ("awq+gptq", AWQGPTQParams, True, "AWQ activation-aware scaling, then GPTQ on the scaled weights"),
 ):
-    register_method(Method(name=_name, params_cls=_params, needs_calibration=True, run=_runner(_gptq),
+    register_method(Method(name=_name, params_cls=_params, needs_calibration=True, run=_runner(_gptq), streams=True,
                            supports=_supports_gptq if _gptq else _supports_rtn, description=_doc))

@@ -280,14 +280,14 @@ def group_hessian(ctx, group: tuple[str, ...], true_sequential: bool) -> torch.T
 
 
 def run_gptq(model, targets, scheme: Scheme, params: GPTQParams, calib, *, progress: bool = True,
-             report: dict | None = None):
+             report: dict | None = None, on_quantized=None):
     from .layerwise import run_layerwise_with_leftovers
 
     report = report if report is not None else {}
     return run_layerwise_with_leftovers(model, targets, calib, gptq_block_solver(scheme, params, report),
                                         scheme=scheme, batch_size=params.batch_size, want_hessian=True,
                                         float_stats=not params.true_sequential, progress=progress,
-                                        report=report, desc=f"gptq {scheme.name}")
+                                        report=report, desc=f"gptq {scheme.name}", on_quantized=on_quantized)
 
 
 def supports(scheme: Scheme) -> bool:
@@ -299,6 +299,7 @@ register_method(Method(
     params_cls=GPTQParams,
     needs_calibration=True,
     run=run_gptq,
+    streams=True,
     supports=supports,
     description="GPTQ: Hessian-aware column-by-column rounding with error feedback (integer, nf4 schemes)",
 ))

@@ -1,16 +1,18 @@
 """Layer-by-layer calibration: capture block i's inputs, measure its linears' inputs, quantize
-the block, re-run it with the quantized weights to make block i+1's inputs (as the reference
+the block, run it with the quantized weights to make block i+1's inputs (as the reference
 GPTQ does), so errors of earlier blocks are seen by later ones. Inside a block a method may go
-further (true-sequential GPTQ): quantize its input groups in forward order and recompute each
-later group's statistics from the block with the earlier groups' quantized values in place
-(BlockContext.collect_group_stats), one forward per batch that stops at the group's input.
+further (true-sequential GPTQ): quantize its input groups in forward order and take each later
+group's statistics from the block with the earlier groups' quantized values in place
+(BlockContext.collect_group_stats). How the block is run -- whole, or branch by branch with
+each part run once -- is methods/block_runner.py's job.
 
-Memory stays near the model plus one copy of the calibration hidden states (replaced in place,
-batch by batch) plus per-group statistics. Block call arguments (masks, rotary embeddings) are
-captured per block from one real forward, because some families (Gemma 3) give different
-blocks different masks and position embeddings.
+Memory: the calibration hidden states (one copy, updated in place batch by batch), one
+branch's cached tail inputs, per-group statistics, and the model -- of which the blocks'
+weights are touched one block at a time: capture runs no block, and a finished block's float
+weights are released (pages of a memory-mapped checkpoint handed back). Block call arguments
+(masks, rotary embeddings) are recorded per block, because some families (Gemma 3) give
+different blocks different masks and position embeddings.
 """
-
 from __future__ import annotations
 
 import logging
@@ -24,14 +26,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats.grid import QuantizedWeight
-from ..memory import peak_rss_bytes, release_free_memory, rss_bytes
+from ..memory import (large_allocations_mapped, peak_rss_bytes, release_free_memory, release_tensor_memory,
+                      rss_bytes)
 from ..models.arch import ArchFacts
+from .block_runner import BlockRunner, StopForward, make_runner
 
 log = logging.getLogger(__name__)
-
-
-class _StopForward(Exception):
-    """Raised by a hook once the inputs it needs are captured: the rest of the model is not run."""
 
 
 @dataclass
@@ -60,7 +60,7 @@ class InputStats:
             if self.want_hessian:
                 self.hessian = torch.zeros(self.in_features, self.in_features)
         if self.want_hessian:
-            self.hessian.addmm_(x.t(), x)
+            _add_gram(self.hessian, x)
         ax = x.abs()
         self.abs_sum += ax.sum(0, dtype=torch.float64)
         torch.maximum(self.abs_max, ax.amax(0), out=self.abs_max)
@@ -72,13 +72,40 @@ class InputStats:
     def mean_hessian(self) -> torch.Tensor:
         if self.hessian is None or not self.tokens:
             raise RuntimeError("no calibration input reached this layer group")
-        return self.hessian / self.tokens
+        return _symmetric_from_upper(self.hessian) / self.tokens
 
     def abs_mean(self) -> torch.Tensor:
         return (self.abs_sum / max(self.tokens, 1)).float()
 
     def sample(self) -> torch.Tensor:
         return torch.cat(self.samples) if self.samples else torch.empty(0, self.in_features)
+
+
+# From this width on, the Gram matrix x^T x skips its lower-left quarter (3/4 of the work):
+# a 2048 x 1536 input measured 0.77x the time of the full product; at 576 no gain.
+_GRAM_SPLIT_MIN = 1024
+
+
+def _add_gram(h: torch.Tensor, x: torch.Tensor) -> None:
+    """h += x^T x (in, in); wide inputs fill only the top block row and the bottom-right block,
+    the rest is its mirror image (_symmetric_from_upper)."""
+    n = x.shape[1]
+    if n < _GRAM_SPLIT_MIN:
+        h.addmm_(x.t(), x)
+        return
+    half = n // 2
+    h[:half].addmm_(x[:, :half].t(), x)
+    h[half:, half:].addmm_(x[:, half:].t(), x[:, half:])
+
+
+def _symmetric_from_upper(h: torch.Tensor) -> torch.Tensor:
+    n = h.shape[0]
+    if n < _GRAM_SPLIT_MIN:
+        return h
+    half = n // 2
+    full = h.clone()
+    full[half:, :half] = h[:half, half:].t()
+    return full
 
 
 @dataclass
@@ -93,8 +120,7 @@ class BlockContext:
     groups: list[tuple[str, ...]]  # relative names of linears sharing one input, architecture-table order
     facts: ArchFacts
     group_prev: dict[tuple[str, ...], object]  # group -> ScaleGroup (foldable predecessor) when known
-    hidden: list[torch.Tensor]  # the block's inputs, one tensor per calibration batch
-    calls: list[tuple[tuple, dict]]  # the block's other arguments per batch
+    runner: BlockRunner  # runs the block over the calibration batches (methods/block_runner.py)
     sample_per_batch: int = 0  # rows per batch kept in InputStats.samples
     stats: dict[tuple[str, ...], InputStats] = field(default_factory=dict)
     loaded: set[str] = field(default_factory=set)  # linears whose quantized values are in the block
@@ -105,33 +131,31 @@ class BlockContext:
                       ) -> dict[tuple[str, ...], InputStats]:
         """Statistics of every group's input over one forward of the block per batch."""
         stats = {g: self._new_stats(g, want_hessian) for g in groups}
-        self._forward_with_input_hooks({g: stats[g].add for g in groups})
+        self.runner.forward_with_input_hooks({g[0]: stats[g].add for g in groups})
         return stats
 
     @torch.no_grad()
     def collect_group_stats(self, group: tuple[str, ...], want_hessian: bool = True) -> InputStats:
         """Statistics of `group`'s input from the block as it is NOW (quantized values already
-        loaded for earlier groups: true-sequential GPTQ). Each batch's forward stops at the
-        group's input, so nothing past it runs and no intermediate activation is kept."""
+        loaded for earlier groups: true-sequential GPTQ). Nothing past the group's input runs.
+        Groups are asked for in forward order, each loaded before the next is asked for."""
         started = time.perf_counter()
         stats = self._new_stats(group, want_hessian, samples=False)
-
-        def add_and_stop(x):
-            stats.add(x)
-            raise _StopForward
-
-        self._forward_with_input_hooks({group: add_and_stop})
+        self.runner.collect(group, stats.add)
         self.collect_s += time.perf_counter() - started
         return stats
 
     @torch.no_grad()
     def groups_in_forward_order(self) -> list[tuple[str, ...]]:
-        """The groups in the order the block's forward reaches them (observed on the first batch;
-        the architecture table says which linears share an input, not where unfed ones run)."""
+        """The groups in the order the block's forward reaches them (from the runner's branches,
+        else observed on the first batch: the architecture table says which linears share an
+        input, not where unfed ones run)."""
+        if self._order is None:
+            self._order = self.runner.order()
         if self._order is None:
             reached: list[tuple[str, ...]] = []
-            self._forward_with_input_hooks({g: (lambda x, g=g: reached.append(g)) for g in self.groups},
-                                           batches=1)
+            self.runner.forward_with_input_hooks({g[0]: (lambda x, g=g: reached.append(g)) for g in self.groups},
+                                                 batches=1)
             self._order = list(dict.fromkeys(reached)) + [g for g in self.groups if g not in reached]
         return self._order
 
@@ -145,71 +169,65 @@ class BlockContext:
         per_batch = self.sample_per_batch if samples else 0
         return InputStats(_in_features(self.block.get_submodule(group[0])), want_hessian, per_batch)
 
-    @torch.no_grad()
-    def _forward_with_input_hooks(self, on_input: dict[tuple[str, ...], Callable], batches: int | None = None
-                                  ) -> None:
-        """Run the block on the captured inputs, calling on_input[group](x) with each group's input."""
-        handles = [self.block.get_submodule(g[0]).register_forward_pre_hook(_input_hook(f))
-                   for g, f in on_input.items()]
-        try:
-            for h, (args, kwargs) in list(zip(self.hidden, self.calls))[:batches]:
-                try:
-                    self.block(h, *args, **kwargs)
-                except _StopForward:
-                    pass
-        finally:
-            for handle in handles:
-                handle.remove()
-
-
-def _input_hook(on_input: Callable[[torch.Tensor], None]):
-    def hook(module, args):
-        on_input(args[0])  # returns None: the module's inputs stay as they are
-    return hook
-
 
 # solve(ctx) -> {relative linear name: QuantizedWeight}; may rescale the block's float weights first.
 BlockSolver = Callable[[BlockContext], dict[str, QuantizedWeight]]
 
 
-def _first_output(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
+class _BlockStandIn(nn.Module):
+    """Takes a decoder block's place while its call is recorded: returns its input unchanged, so
+    the model's layer loop reaches every block without running one (the blocks' weights stay
+    untouched: a memory-mapped model is paged in block by block later, not all at once here)."""
+
+    def __init__(self, block: nn.Module, on_call: Callable):
+        super().__init__()
+        object.__setattr__(self, "_block", block)  # not registered: the stand-in owns no weights
+        object.__setattr__(self, "_on_call", on_call)
+
+    def forward(self, *args, **kwargs):
+        return self._on_call(args, kwargs)
+
+    def __getattr__(self, name):  # the loop may read block attributes (Gemma 3: attention_type)
+        return getattr(object.__getattribute__(self, "_block"), name)
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, batch_size: int):
     """-> (hidden states of block 0 per batch, {batch size: [(args, kwargs) per block]}).
 
-    One full forward per distinct batch size records every block's extra arguments; every other
-    batch stops at block 0."""
+    Per batch the model runs up to its layer loop with stand-ins in place of the blocks; the
+    first batch of each distinct size records every block's extra arguments (masks and rotary
+    embeddings may differ per block: Gemma 3), the others stop at block 0."""
     hidden: list[torch.Tensor] = []
     calls_by_size: dict[int, list] = {}
+    originals = list(blocks)
     for start in range(0, tokens.shape[0], batch_size):
         batch = tokens[start: start + batch_size]
         size = batch.shape[0]
         record_all = size not in calls_by_size
         calls: list = [None] * len(blocks)
 
-        def make_hook(i: int):
-            def hook(module, args, kwargs):
+        def recorder(i: int):
+            def on_call(args, kwargs):
                 kw = dict(kwargs)  # the running forward still needs its own kwargs untouched
                 h = args[0] if args else kw.pop("hidden_states")
                 if i == 0:
                     hidden.append(h.detach().clone())
                 calls[i] = (tuple(args[1:]), kw)
                 if not record_all or i == len(blocks) - 1:
-                    raise _StopForward
-            return hook
+                    raise StopForward
+                return h
+            return on_call
 
-        watched = blocks if record_all else blocks[:1]
-        handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(watched)]
         try:
+            for i in range(len(blocks) if record_all else 1):
+                blocks[i] = _BlockStandIn(originals[i], recorder(i))
             model(input_ids=batch, use_cache=False)
-        except _StopForward:
+        except StopForward:
             pass
         finally:
-            for h in handles:
-                h.remove()
+            for i, block in enumerate(originals):
+                blocks[i] = block
         if record_all:
             calls_by_size[size] = calls
     return hidden, calls_by_size
@@ -232,18 +250,33 @@ def input_groups(facts: ArchFacts, block_targets: list[str]) -> tuple[list[tuple
 def run_layerwise(model: nn.Module, facts: ArchFacts, targets: dict[str, nn.Module], tokens: torch.Tensor,
                   solve: BlockSolver, *, batch_size: int = 4, want_hessian: bool = True, sample_tokens: int = 0,
                   float_stats: bool = True, progress: bool = True, report: dict | None = None,
-                  desc: str = "quantize") -> dict[str, QuantizedWeight]:
-    """Run `solve` block by block on calibration `tokens` (n, seqlen); returns {target name: weight}.
+                  desc: str = "quantize", on_quantized: Callable[[str, QuantizedWeight], None] | None = None
+                  ) -> dict[str, QuantizedWeight]:
+    """Run `solve` block by block on calibration `tokens` (n, seqlen); returns {target name: weight},
+    or hands each finished block's weights to on_quantized(name, weight) instead (the caller packs
+    them at once, so one byte per weight of codes does not pile up over the blocks).
 
     float_stats: collect every group's statistics in one float forward of the block before
-    `solve` (ctx.stats); a method that collects its own (true-sequential GPTQ) turns it off."""
+    `solve` (ctx.stats); a method that collects its own (true-sequential GPTQ) turns it off.
+    The targets' float weights are released once their block is done (the caller swaps them
+    for quantized modules; reading them afterwards is an error)."""
     blocks = model.get_submodule(facts.blocks)
+    with large_allocations_mapped():
+        return _run_blocks(model, facts, blocks, targets, tokens, solve, batch_size=batch_size,
+                           want_hessian=want_hessian, sample_tokens=sample_tokens, float_stats=float_stats,
+                           progress=progress, report=report, desc=desc, on_quantized=on_quantized)
+
+
+def _run_blocks(model, facts, blocks, targets, tokens, solve, *, batch_size, want_hessian, sample_tokens, float_stats,
+                progress, report, desc, on_quantized) -> dict[str, QuantizedWeight]:
     started = time.perf_counter()
     hidden, calls_by_size = capture_block_inputs(model, blocks, tokens, batch_size)
     release_free_memory()
     per_batch = math.ceil(sample_tokens / len(hidden)) if sample_tokens else 0
     chosen: dict[str, QuantizedWeight] = {}
+    emit = on_quantized if on_quantized is not None else chosen.__setitem__
     per_block: list[dict] = []
+    verdict: dict = {}  # whether the table's branches reproduce this model's blocks (checked once)
     bar = tqdm(range(len(blocks)), desc=f"{desc} (block by block)", unit="block", disable=not progress)
     for i in bar:
         t0 = time.perf_counter()
@@ -251,40 +284,58 @@ def run_layerwise(model: nn.Module, facts: ArchFacts, targets: dict[str, nn.Modu
         prefix = f"{facts.blocks}.{i}"
         rel_targets = [n[len(prefix) + 1:] for n in targets if n.startswith(prefix + ".")]
         calls = [calls_by_size[h.shape[0]][i] for h in hidden]
+        runner = BlockRunner(block, hidden, calls)
         phases = {}
         if rel_targets:
             groups, prev = input_groups(facts, rel_targets)
-            ctx = BlockContext(i, prefix, block, groups, facts, prev, hidden, calls, per_batch)
+            loaded: set[str] = set()
+            runner = make_runner(block, facts, hidden, calls, groups, loaded, verdict)
+            ctx = BlockContext(i, prefix, block, groups, facts, prev, runner, per_batch, loaded=loaded)
             if float_stats:
                 ctx.stats = ctx.collect_stats(groups, want_hessian)
             t_stats = time.perf_counter()
             solved = solve(ctx)
             ctx.load({rel: qw for rel, qw in solved.items() if rel not in ctx.loaded})
-            chosen.update((f"{prefix}.{rel}", qw) for rel, qw in solved.items())
+            block_chosen = {f"{prefix}.{rel}": qw for rel, qw in solved.items()}
             t_solve = time.perf_counter()
             phases = {"stats_s": round(t_stats - t0, 3), "solve_s": round(t_solve - t_stats, 3)}
             if ctx.collect_s:
                 phases["sequential_stats_s"] = round(ctx.collect_s, 3)  # part of solve_s
             del ctx, solved
         t_forward = time.perf_counter()
-        with torch.no_grad():  # in place, batch by batch: block i's outputs are block i+1's inputs
-            for k, call in enumerate(calls):  # (so one copy of the calibration states is ever held)
-                hidden[k] = _first_output(block(hidden[k], *call[0], **call[1]))
+        runner.finish()  # in place, batch by batch: block i's outputs are block i+1's inputs
+        del runner
+        for rel in rel_targets:  # their values are chosen: the float weights are never read again
+            _release_weight(block.get_submodule(rel))
+        if rel_targets:
+            for name, qw in block_chosen.items():
+                emit(name, qw)
+            del block_chosen
         release_free_memory()
         t_end = time.perf_counter()
         if phases:
             phases["forward_s"] = round(t_end - t_forward, 3)
         per_block.append({"block": i, "seconds": round(t_end - t0, 3), **phases, "rss_bytes": rss_bytes()})
         bar.set_postfix(rss=f"{rss_bytes() / 2**20:.0f}MiB")
+    report_runner = "branches" if verdict.get("reason", "unchecked") is None else "whole blocks"
     if report is not None:
         report["layerwise"] = {
             "blocks": per_block,
             "batch_size": batch_size,
+            "runner": report_runner,
             "calibration_tokens": int(tokens.numel()),
             "seconds": round(time.perf_counter() - started, 3),
             "peak_rss_bytes": peak_rss_bytes(),
         }
     return chosen
+
+
+@torch.no_grad()
+def _release_weight(module: nn.Module) -> None:
+    """Drop a quantized target's float weight (the pipeline swaps the module afterwards); pages of
+    a memory-mapped checkpoint are handed back too, so RSS does not grow to the whole model."""
+    release_tensor_memory(module.weight)
+    module.weight = nn.Parameter(torch.empty(0, 0, dtype=module.weight.dtype), requires_grad=False)
 
 
 def _in_features(module: nn.Module) -> int:
@@ -314,7 +365,8 @@ def split_rows(qw: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
 def run_layerwise_with_leftovers(model: nn.Module, targets: dict[str, nn.Module], calib, solve: BlockSolver, *,
                                  scheme, batch_size: int, want_hessian: bool = True, sample_tokens: int = 0,
                                  float_stats: bool = True, progress: bool = True, report: dict | None = None,
-                                 desc: str = "quantize") -> dict[str, QuantizedWeight]:
+                                 desc: str = "quantize", on_quantized: Callable | None = None
+                                 ) -> dict[str, QuantizedWeight]:
     """run_layerwise over the decoder blocks; targets outside them (lm_head with --quantize-head)
     are rounded to nearest, and the report says so."""
     from ..formats.grid import quantize_weight
@@ -326,7 +378,7 @@ def run_layerwise_with_leftovers(model: nn.Module, targets: dict[str, nn.Module]
     in_blocks = {n: m for n, m in targets.items() if n.startswith(facts.blocks + ".")}
     chosen = run_layerwise(model, facts, in_blocks, tokens, solve, batch_size=batch_size, want_hessian=want_hessian,
                            sample_tokens=sample_tokens, float_stats=float_stats, progress=progress, report=report,
-                           desc=desc)
+                           desc=desc, on_quantized=on_quantized)
     outside = [n for n in targets if n not in in_blocks]
     for name in outside:
         chosen[name] = quantize_weight(scheme, linear_weight(targets[name]))

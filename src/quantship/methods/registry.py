@@ -27,6 +27,8 @@ class Method:
     supports: Callable[[Scheme], bool] = lambda scheme: True
     description: str = ""
     schemes: str = ""  # the valid schemes in words, for error messages ("w8a8 only")
+    # run() takes on_quantized(name, weight) and hands each finished block's weights to it
+    streams: bool = False
 
     def __post_init__(self) -> None:
         if (self.quantize_weight is None) == (self.run is None):

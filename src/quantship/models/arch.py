@@ -24,18 +24,41 @@ class ScaleGroup:
 
 
 @dataclass(frozen=True)
+class Branch:
+    """One residual branch of a pre-norm decoder block: h = h + post(body(pre(h))).
+
+    `tail` is the body's last linear (its output IS the body's output), so a branch can be
+    finished from the tail's cached input instead of re-running the body (methods/block_runner.py)."""
+
+    body: str  # e.g. "self_attn" (called with the block's keyword arguments) or "mlp" (input only)
+    pre_norm: str
+    tail: str  # e.g. "self_attn.o_proj"
+    post_norm: str | None = None  # Gemma 3 normalises the branch output before the residual add
+    takes_block_kwargs: bool = True  # attention needs masks / rotary embeddings; MLPs take the input only
+
+
+@dataclass(frozen=True)
 class ArchFacts:
     blocks: str  # dotted path of the ModuleList of decoder blocks
     groups: tuple[ScaleGroup, ...]  # in forward order
     norm_weight_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
     conv1d: bool = False  # GPT-2 stores Linear weights transposed (transformers Conv1D)
+    # the block's residual branches in forward order; empty: the block is only run as a whole
+    # (OPT's MLP is not a submodule). Checked against the real block before use.
+    branches: tuple[Branch, ...] = ()
     extra: dict = field(default_factory=dict)
 
     def linears(self) -> tuple[str, ...]:
         return tuple(name for g in self.groups for name in g.linears) + tuple(self.extra.get("unfed", ()))
 
 
-def _llama_like(mlp_norm: str, norm_weight_offset: float = 0.0) -> ArchFacts:
+def _attention_and_mlp(attn_norm: str, mlp_norm: str, attn: str = "self_attn", o_proj: str = "o_proj",
+                       down_proj: str = "down_proj", post_norms: tuple[str | None, str | None] = (None, None)):
+    return (Branch(attn, attn_norm, f"{attn}.{o_proj}", post_norms[0]),
+            Branch("mlp", mlp_norm, f"mlp.{down_proj}", post_norms[1], takes_block_kwargs=False))
+
+
+def _llama_like(mlp_norm: str, norm_weight_offset: float = 0.0, post_norms=(None, None)) -> ArchFacts:
     # llama/mistral/qwen: the MLP's norm is post_attention_layernorm; Gemma 3 has an extra
     # post-attention norm on the residual branch and feeds the MLP from pre_feedforward_layernorm.
     return ArchFacts(
@@ -47,11 +70,13 @@ def _llama_like(mlp_norm: str, norm_weight_offset: float = 0.0) -> ArchFacts:
             ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "linear"),
         ),
         norm_weight_offset=norm_weight_offset,
+        branches=_attention_and_mlp("input_layernorm", mlp_norm, post_norms=post_norms),
     )
 
 
 _LLAMA = _llama_like("post_attention_layernorm")
-_GEMMA3 = _llama_like("pre_feedforward_layernorm", norm_weight_offset=1.0)
+_GEMMA3 = _llama_like("pre_feedforward_layernorm", norm_weight_offset=1.0,
+                      post_norms=("post_attention_layernorm", "post_feedforward_layernorm"))
 
 _PHI3 = ArchFacts(
     blocks="model.layers",
@@ -61,6 +86,7 @@ _PHI3 = ArchFacts(
     ),
     # o_proj and down_proj have no foldable predecessor (fused qkv / gated activation).
     extra={"unfed": ("self_attn.o_proj", "mlp.down_proj")},
+    branches=_attention_and_mlp("input_layernorm", "post_attention_layernorm"),
 )
 
 _GPT2 = ArchFacts(
@@ -71,6 +97,7 @@ _GPT2 = ArchFacts(
     ),
     conv1d=True,
     extra={"unfed": ("attn.c_proj", "mlp.c_proj")},
+    branches=_attention_and_mlp("ln_1", "ln_2", attn="attn", o_proj="c_proj", down_proj="c_proj"),
 )
 
 _OPT = ArchFacts(
