@@ -50,11 +50,11 @@ class AWQParams:
 @dataclass(frozen=True)
 class AWQGPTQParams(AWQParams):
     clip: bool = True  # GPTQ's own range search, Hessian-weighted (GPTQParams.clip_search)
-    percdamp: float = 0.1
+    percdamp: float = 0.01  # as GPTQParams
     block_size: int = 128
     act_order: bool = True
     max_damp_retries: int = 6
-    true_sequential: bool = False  # GPTQ's: each group's H from the block with earlier groups quantized
+    true_sequential: bool = True  # GPTQ's: each group's H from the block with earlier groups quantized
 
     def gptq(self) -> GPTQParams:
         return GPTQParams(percdamp=self.percdamp, block_size=self.block_size, act_order=self.act_order,

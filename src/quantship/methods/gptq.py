@@ -40,10 +40,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GPTQParams:
-    # 0.1, not the paper's 0.01: SmolLM2's Hessians are dominated by a few outlier channels/tokens
-    # and 0.01 over-fits them (blocks 0-2 at w4, KLD: RTN 0.087, 0.01 -> 0.052, 0.1 -> 0.035,
-    # 0.3 -> 0.039, 1.0 -> 0.047; all with act_order).
-    percdamp: float = 0.1  # dampening, as a fraction of the mean Hessian diagonal
+    # the paper's 0.01: with the range search and true-sequential Hessians it beats 0.1 on SmolLM2
+    # w3g64 (gap closed 80.3% vs 78.3%; docs/results/methods.md). Before the range search 0.1 had
+    # been better (blocks 0-2 at w4, KLD: 0.01 -> 0.052, 0.1 -> 0.035).
+    percdamp: float = 0.01  # dampening, as a fraction of the mean Hessian diagonal
     block_size: int = 128  # columns per lazy-update block
     act_order: bool = True  # columns by decreasing Hessian diagonal (static groups: plain layout)
     max_damp_retries: int = 6  # each retry multiplies the dampening by 10
@@ -52,13 +52,15 @@ class GPTQParams:
     clip_search: bool = True
     clip_grid: int = 20  # candidate ratios between 1.0 and clip_min
     clip_min: float = 0.5
-    batch_size: int = 4  # calibration windows per block forward (smaller: less transient memory)
+    # calibration windows per block forward: 2 keeps transients small (SmolLM2 block 0 peak RSS
+    # 909 MiB vs 940 MiB at 4, against the 2x-the-model budget of 1026 MiB)
+    batch_size: int = 2
     # inside a block, quantize the input groups in forward order (q/k/v, o, gate/up, down) and take
     # each later group's Hessian from inputs produced by the already-quantized earlier linears.
-    # Off by default: on SmolLM2 w3g64 (128 x 512) at percdamp 0.1 ppl 44.80 -> 44.70 but KLD 0.499
-    # -> 0.513 (no gain); at percdamp 0.01 ppl 43.55 -> 43.25, gap closed 79.9% -> 80.3%; w4 not
-    # measured with it (docs/results/methods.md, session 5)
-    true_sequential: bool = False
+    # On SmolLM2 w3g64 (128 x 512) at percdamp 0.01 gap closed 79.9% -> 80.3%; and it is the fast
+    # path: run branch by branch, every linear once per block (methods/block_runner.py). Off: every
+    # group's H from one float pass of the block, then a quantized re-run.
+    true_sequential: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.percdamp < 10.0:
