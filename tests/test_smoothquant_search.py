@@ -45,6 +45,11 @@ def test_searched_alpha_never_has_a_larger_output_error_than_the_fixed_one(seed,
     assert errors[alpha] < output_error(x, w, torch.ones(x.shape[1]), x.abs().max().item() if static_act else None)
 
 
+def test_defaults_are_the_configuration_that_meets_the_w8a8_target():
+    p = SmoothQuantParams()
+    assert p.alpha_search and p.weight_method == "gptq" and p.alpha == 0.5 and not p.clip
+
+
 def test_alpha_grid_and_parameter_validation():
     assert SmoothQuantParams().alpha_grid() == [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9]
     assert SmoothQuantParams(alpha=0.42, alpha_min=0.4, alpha_max=0.6, alpha_step=0.1).alpha_grid() == [0.4, 0.42, 0.5, 0.6]
@@ -72,7 +77,7 @@ def test_output_clip_ratio_never_raises_the_output_error():
 def test_alpha_search_end_to_end_records_choices_in_the_manifest(tiny_models, tmp_path):
     src = tiny_models["llama"]
     out = quantship.quantize(src, "w8a8", method="smoothquant", calib_samples=8, calib_seqlen=32,
-                             method_params={"alpha_search": True, "alpha_step": 0.1, "sample_tokens": 128},
+                             method_params={"alpha_step": 0.1, "sample_tokens": 128, "weight_method": "rtn"},
                              out=tmp_path / "search", **QUIET)
     manifest = quantship.verify(out)
     params = manifest["method"]["params"]
@@ -92,11 +97,12 @@ def test_alpha_search_end_to_end_records_choices_in_the_manifest(tiny_models, tm
     assert quantship.evaluate(src, out, ctx=64, max_windows=4, **QUIET)["kld"]["mean"] < 0.05
 
 
-@pytest.mark.parametrize("extra", [{"weight_method": "gptq"}, {"clip": True}])
+@pytest.mark.parametrize("extra", [{"weight_method": "gptq"}, {"weight_method": "rtn", "clip": True},
+                                   {"alpha_search": False, "weight_method": "rtn"}])
 def test_smoothquant_weight_rounding_options_stay_pure_w8a8(tiny_models, tmp_path, extra):
     src = tiny_models["qwen2"]
     out = quantship.quantize(src, "w8a8", method="smoothquant", calib_samples=4, calib_seqlen=32,
-                             method_params={"alpha_search": True, "sample_tokens": 64, **extra},
+                             method_params={"sample_tokens": 64, **extra},
                              out=tmp_path / "sq", **QUIET)
     manifest = quantship.verify(out)
     assert all(manifest["method"]["params"][k] == v for k, v in extra.items())
