@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from quantship.formats.scheme import parse_scheme
-from quantship.memory import release_tensor_memory
+from quantship.memory import release_clean_pages, release_tensor_memory
 from quantship.methods import gptq as gptq_module
 from quantship.methods.block_runner import BlockRunner, BranchRunner, _compact, make_runner
 from quantship.methods.gptq import GPTQParams
@@ -143,6 +143,26 @@ def test_a_table_that_does_not_fit_the_block_falls_back_to_whole_blocks(caplog):
     assert type(make_runner(block, missing, hidden, calls, groups, set(), {})) is BlockRunner
 
 
+def test_tail_cache_stays_within_the_hidden_states_size_and_recomputes_the_rest():
+    model, facts, block, hidden, calls, groups = _block0("llama")
+    loaded = {n for g in groups for n in g}
+    default = make_runner(block, facts, hidden, calls, groups, loaded, {})
+    assert default.cache_bytes == sum(h.numel() * h.element_size() for h in hidden)
+    budget = default.cache_bytes // 2
+    runner = BranchRunner(block, [h.clone() for h in hidden], calls, facts.branches, groups, loaded, budget)
+    whole = BlockRunner(block, [h.clone() for h in hidden], calls)
+    for group in runner.order():
+        runner.collect(group, lambda x: None)
+        if group in (("self_attn.o_proj",), ("mlp.down_proj",)):  # each fills half the budget's worth
+            kept = [t for t in runner.tail_inputs if t is not None]
+            assert 0 < len(kept) < len(hidden)
+            assert sum(t.numel() * t.element_size() for t in kept) <= budget
+    runner.finish()
+    whole.finish()
+    for a, b in zip(runner.hidden, whole.hidden):
+        assert torch.allclose(a, b, rtol=2e-3, atol=2e-3 * b.abs().max())
+
+
 def test_wide_tail_inputs_are_cached_in_float16_unless_they_overflow():
     x = torch.randn(2, 3, 8)
     assert _compact(x, half=True).dtype == torch.float16
@@ -215,6 +235,22 @@ def test_release_tensor_memory_hands_back_pages_of_a_mapped_checkpoint(tmp_path)
     assert before - _rss_file_kib() > 15 * 1024  # ~16 MiB of file pages gone from RSS
     heap = torch.ones(n)
     assert not release_tensor_memory(heap) and heap.sum().item() == n  # heap memory is left alone
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/pagemap"), reason="needs Linux /proc")
+def test_clean_pages_of_a_mapped_checkpoint_are_released_and_read_again(tmp_path):
+    n = 16 * 2**20 // 4
+    path = tmp_path / "w.bin"
+    torch.arange(n, dtype=torch.float32).numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=n, dtype=torch.float32)
+    total = mapped.double().sum().item()
+    before = _rss_file_kib()
+    assert release_clean_pages(mapped)
+    assert before - _rss_file_kib() > 15 * 1024
+    assert mapped.double().sum().item() == total  # still usable: read from the file again
+    mapped[12345] = -1.0  # one written page: its private copy must not be thrown away
+    assert not release_clean_pages(mapped)
+    assert mapped[12345].item() == -1.0
 
 
 @pytest.mark.parametrize("width", [64, 1030, 1536])

@@ -65,19 +65,53 @@ def release_tensor_memory(tensor) -> bool:
     in a private file mapping (a memory-mapped checkpoint: every tensor of the file shares one
     mapping, so dropping one tensor keeps its pages resident). Heap memory is left to the
     allocator. The tensor must not be read afterwards. -> whether pages were handed back."""
+    span = _mapped_page_span(tensor)
+    return span is not None and _madvise_dontneed(*span)
+
+
+def release_clean_pages(tensor) -> bool:
+    """Like release_tensor_memory, but only when none of the tensor's pages was ever written
+    (all still pages of the file): the tensor stays usable, its pages are read from the file
+    again when touched. For weights needed again only much later (the embedding after the
+    calibration inputs are captured). -> whether pages were handed back."""
+    span = _mapped_page_span(tensor)
+    return span is not None and _pages_unmodified(*span) and _madvise_dontneed(*span)
+
+
+def _mapped_page_span(tensor) -> tuple[int, int] | None:
+    """[lo, hi): the whole pages of a contiguous CPU tensor inside a private file mapping, or None."""
     if tensor.device.type != "cpu" or not tensor.numel() or not tensor.is_contiguous():
-        return False
+        return None
     page = resource.getpagesize()
     start = tensor.data_ptr()
     lo = -(-start // page) * page  # whole pages inside the tensor only
     hi = (start + tensor.numel() * tensor.element_size()) // page * page
-    if hi <= lo or not _in_private_file_mapping(lo, hi):
-        return False
+    return (lo, hi) if hi > lo and _in_private_file_mapping(lo, hi) else None
+
+
+def _madvise_dontneed(lo: int, hi: int) -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0
     except (OSError, AttributeError):
         return False
+
+
+def _pages_unmodified(lo: int, hi: int) -> bool:
+    """No resident page in [lo, hi) is a private anonymous copy (pagemap: bit 63 present, bit 61
+    file page; a written page of a private file mapping is anonymous)."""
+    import torch
+
+    page = resource.getpagesize()
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(lo // page * 8)
+            entries = torch.frombuffer(bytearray(f.read((hi - lo) // page * 8)), dtype=torch.int64)
+    except (OSError, ValueError):
+        return False
+    present = entries < 0  # bit 63
+    file_page = ((entries >> 61) & 1).bool()
+    return not bool((present & ~file_page).any())
 
 
 def _in_private_file_mapping(lo: int, hi: int) -> bool:

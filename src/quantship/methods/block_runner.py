@@ -15,12 +15,13 @@ statistics need only the part of the body before it (nothing for q/k/v and gate/
 input is the pre-norm's output), so per block every linear and the attention run once, where
 the whole-block runner runs them two (float statistics + quantized re-run) to three times.
 
-The cache holds the tail inputs of every calibration batch: as they are where they are no
+The cache holds the tail inputs of the calibration batches: as they are where they are no
 wider than the hidden states (o_proj: attention output), in float16 where wider (down_proj:
 the MLP's intermediate, 2.7x the hidden size on SmolLM2; the reference GPTQ runs its whole
-calibration forward in float16). So the cache never needs more memory than the hidden states;
-only the MLP output passed to the next block is rounded (the Hessians are always taken from the
-exact inputs); a batch whose values do not fit float16 is kept in its own dtype. A BranchRunner is used only after checking, on the first block, that running
+calibration forward in float16); only the MLP output passed to the next block is rounded (the
+Hessians are always taken from the exact inputs); a batch whose values do not fit float16 is
+kept in its own dtype. The cache never takes more memory than the hidden states: batches past
+that budget are not cached and their body runs again (on SmolLM2 a quarter of down_proj's). A BranchRunner is used only after checking, on the first block, that running
 the branches reproduces the block's own output; otherwise the generic runner is used.
 """
 
@@ -99,8 +100,11 @@ class BranchRunner(BlockRunner):
     a later branch's group is collected (true-sequential order)."""
 
     def __init__(self, block: nn.Module, hidden: list[torch.Tensor], calls: list[tuple[tuple, dict]],
-                 branches: tuple[Branch, ...], groups: list[tuple[str, ...]], loaded: set[str]):
+                 branches: tuple[Branch, ...], groups: list[tuple[str, ...]], loaded: set[str],
+                 cache_bytes: int | None = None):
         super().__init__(block, hidden, calls)
+        # the tail cache's budget: by default the hidden states' own size
+        self.cache_bytes = cache_bytes if cache_bytes is not None else sum(h.numel() * h.element_size() for h in hidden)
         self.branches = branches
         self.loaded = loaded  # names of the linears whose quantized values are in the block
         self.branch_of = {g: _branch_index(branches, g) for g in groups}
@@ -125,12 +129,19 @@ class BranchRunner(BlockRunner):
         self.next_group = self._order.index(group) + 1
         branch = self.branches[target]
         is_tail = group == (branch.tail,)
-        tail_inputs: list[torch.Tensor] = []
+        tail_inputs: list[torch.Tensor | None] = []
+        budget = [self.cache_bytes]
 
         def take(x):
             add(x)
             if is_tail:
-                tail_inputs.append(_compact(x, half=x.shape[-1] > self.hidden[0].shape[-1]))
+                cached = None  # past the budget: the body runs again at the branch's end
+                if budget[0] > 0:
+                    cached = _compact(x, half=x.shape[-1] > self.hidden[0].shape[-1])
+                    budget[0] -= cached.numel() * cached.element_size()
+                    if budget[0] < 0:
+                        cached = None
+                tail_inputs.append(cached)
             raise StopForward
 
         handle = self.block.get_submodule(group[0]).register_forward_pre_hook(_pre_hook(take))
@@ -166,8 +177,9 @@ class BranchRunner(BlockRunner):
         tail = self.block.get_submodule(branch.tail)
         post = self.block.get_submodule(branch.post_norm) if branch.post_norm else None
         for k, h in enumerate(self.hidden):
-            if self.tail_inputs is not None:
-                out = tail(self.tail_inputs[k].to(h.dtype))
+            cached = self.tail_inputs[k] if self.tail_inputs is not None else None
+            if cached is not None:
+                out = tail(cached.to(h.dtype))
                 self.tail_inputs[k] = None  # free as we go
             else:
                 out = self._body(branch, k)

@@ -26,8 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats.grid import QuantizedWeight
-from ..memory import (large_allocations_mapped, peak_rss_bytes, release_free_memory, release_tensor_memory,
-                      rss_bytes)
+from ..memory import (large_allocations_mapped, peak_rss_bytes, release_clean_pages, release_free_memory,
+                      release_tensor_memory, rss_bytes)
 from ..models.arch import ArchFacts
 from .block_runner import BlockRunner, StopForward, make_runner
 
@@ -271,6 +271,10 @@ def _run_blocks(model, facts, blocks, targets, tokens, solve, *, batch_size, wan
                 progress, report, desc, on_quantized) -> dict[str, QuantizedWeight]:
     started = time.perf_counter()
     hidden, calls_by_size = capture_block_inputs(model, blocks, tokens, batch_size)
+    in_blocks = {id(p) for p in blocks.parameters()}
+    for p in model.parameters():  # the embedding is read again only when the artifact is written
+        if id(p) not in in_blocks:
+            release_clean_pages(p.detach())
     release_free_memory()
     per_batch = math.ceil(sample_tokens / len(hidden)) if sample_tokens else 0
     chosen: dict[str, QuantizedWeight] = {}
