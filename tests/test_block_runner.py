@@ -13,7 +13,7 @@ import torch
 from quantship.formats.scheme import parse_scheme
 from quantship.memory import release_clean_pages, release_tensor_memory
 from quantship.methods import gptq as gptq_module
-from quantship.methods.block_runner import BlockRunner, BranchRunner, _compact, make_runner
+from quantship.methods.block_runner import BlockRunner, BranchRunner, make_runner
 from quantship.methods.gptq import GPTQParams
 from quantship.methods.layerwise import (InputStats, _add_gram, _symmetric_from_upper, capture_block_inputs,
                                          input_groups)
@@ -99,8 +99,7 @@ def test_branch_runner_gives_the_whole_block_runners_inputs_and_outputs(arch):
     branch.finish()
     whole.finish()
     for a, b in zip(branch.hidden, whole.hidden):
-        # the MLP's tail input is cached in float16 (wider than the hidden states)
-        assert torch.allclose(a, b, rtol=2e-3, atol=2e-3 * b.abs().max()), arch
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * b.abs().max()), arch
 
 
 def test_branch_runner_without_a_collected_tail_reruns_the_body_exactly():
@@ -148,28 +147,19 @@ def test_tail_cache_stays_within_the_hidden_states_size_and_recomputes_the_rest(
     loaded = {n for g in groups for n in g}
     default = make_runner(block, facts, hidden, calls, groups, loaded, {})
     assert default.cache_bytes == sum(h.numel() * h.element_size() for h in hidden)
-    budget = default.cache_bytes // 2
+    budget = default.cache_bytes * 3 // 4
     runner = BranchRunner(block, [h.clone() for h in hidden], calls, facts.branches, groups, loaded, budget)
     whole = BlockRunner(block, [h.clone() for h in hidden], calls)
     for group in runner.order():
         runner.collect(group, lambda x: None)
-        if group in (("self_attn.o_proj",), ("mlp.down_proj",)):  # each fills half the budget's worth
+        if group in (("self_attn.o_proj",), ("mlp.down_proj",)):  # each alone would fill the budget or more
             kept = [t for t in runner.tail_inputs if t is not None]
             assert 0 < len(kept) < len(hidden)
             assert sum(t.numel() * t.element_size() for t in kept) <= budget
     runner.finish()
     whole.finish()
     for a, b in zip(runner.hidden, whole.hidden):
-        assert torch.allclose(a, b, rtol=2e-3, atol=2e-3 * b.abs().max())
-
-
-def test_wide_tail_inputs_are_cached_in_float16_unless_they_overflow():
-    x = torch.randn(2, 3, 8)
-    assert _compact(x, half=True).dtype == torch.float16
-    assert _compact(x, half=False).dtype == torch.float32
-    x[0, 0, 0] = 1e6  # beyond float16's range: kept exactly
-    kept = _compact(x, half=True)
-    assert kept.dtype == torch.float32 and torch.equal(kept, x)
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * b.abs().max())
 
 
 def _run_gptq(monkeypatch, whole_blocks: bool):
@@ -207,8 +197,8 @@ def test_branch_by_branch_gptq_equals_whole_block_gptq(monkeypatch):
         if ".layers.0." in names[0]:  # same inputs: exact up to summation order, same codes
             assert torch.allclose(h, h_ref, rtol=1e-5, atol=1e-6 * h_ref.abs().max()), names
             assert all(torch.equal(a.codes, b.codes) for a, b in zip(qws, qws_ref)), names
-        else:  # block 1's inputs passed block 0's MLP output through float16
-            assert torch.allclose(h, h_ref, rtol=1e-2, atol=1e-3 * h_ref.abs().max()), names
+        else:  # block 1's inputs: equal up to summation order
+            assert torch.allclose(h, h_ref, rtol=1e-4, atol=1e-5 * h_ref.abs().max()), names
 
 
 def test_quantized_targets_float_weights_are_released(monkeypatch):
