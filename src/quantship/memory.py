@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import resource
 import sys
@@ -33,13 +34,18 @@ def peak_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
+def _libc_call(name: str, *args) -> int | None:
+    """libc's `name`(*args), or None where this C library lacks it (not glibc, not Linux)."""
+    try:
+        return getattr(ctypes.CDLL(None), name)(*args)
+    except (OSError, AttributeError):
+        return None
+
+
 def release_free_memory() -> None:
     """Hand freed heap pages back to the OS (glibc keeps them otherwise, so transients of a
     block-by-block pass would add up in RSS); a no-op where malloc_trim does not exist."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    _libc_call("malloc_trim", 0)
 
 
 class HeapTrimmer:
@@ -90,11 +96,7 @@ def _mapped_page_span(tensor) -> tuple[int, int] | None:
 
 
 def _madvise_dontneed(lo: int, hi: int) -> bool:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0
-    except (OSError, AttributeError):
-        return False
+    return _libc_call("madvise", ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0
 
 
 def _pages_unmodified(lo: int, hi: int) -> bool:
@@ -132,8 +134,8 @@ _M_MMAP_THRESHOLD = -3
 _GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # where glibc's own (dynamic) threshold tops out on 64-bit
 
 
-class large_allocations_mapped:
-    """Inside: every allocation of at least `threshold` bytes gets its own mapping, handed back to
+class large_allocations_mapped(contextlib.ContextDecorator):
+    """Inside (a `with` block or a decorated function): every allocation of at least `threshold` bytes gets its own mapping, handed back to
     the OS when freed. glibc otherwise raises its mmap threshold after the first large free and
     serves later multi-MB tensors from the heap, where long-lived ones (calibration caches) pin
     the freed temporaries around them: block 0 of GPTQ on SmolLM2 peaked at 1036 MiB that way,
@@ -152,7 +154,4 @@ class large_allocations_mapped:
 
     @staticmethod
     def _set(value: int) -> None:
-        try:
-            ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, value)
-        except (OSError, AttributeError):
-            pass
+        _libc_call("mallopt", _M_MMAP_THRESHOLD, value)

@@ -19,8 +19,9 @@ The cache holds the tail inputs of the calibration batches exactly as they are, 
 takes more memory than the hidden states: batches past that budget are not cached and their
 body runs again (on SmolLM2 all of o_proj's inputs fit, 3/8 of down_proj's 2.7x wider ones do).
 A float16 cache of down_proj's inputs (all batches fitting) was tried and measured worse: w3g64
-GPTQ gap closed 78.8% against 79.8% exact, for ~1 s per block less. A BranchRunner is used only after checking, on the first block, that running
-the branches reproduces the block's own output; otherwise the generic runner is used.
+GPTQ gap closed 78.8% against 79.8% exact, for ~1 s per block less. A BranchRunner is used only
+after checking, on the first block, that running the branches reproduces the block's own output;
+otherwise the generic runner is used.
 """
 
 from __future__ import annotations
@@ -184,11 +185,12 @@ class BranchRunner(BlockRunner):
         self.position += 1
 
 
-def _branch_index(branches: tuple[Branch, ...], group: tuple[str, ...]) -> int:
+def _branch_index(branches: tuple[Branch, ...], group: tuple[str, ...]) -> int | None:
+    """The branch whose body holds every linear of `group`; None when no branch does."""
     for b, branch in enumerate(branches):
         if all(name.startswith(branch.body + ".") for name in group):
             return b
-    raise KeyError(group)
+    return None
 
 
 def named_block_kwargs(block: nn.Module, call: tuple[tuple, dict]) -> dict | None:
@@ -197,17 +199,18 @@ def named_block_kwargs(block: nn.Module, call: tuple[tuple, dict]) -> dict | Non
     args, kwargs = call
     if not args:
         return kwargs
+    params = inspect.signature(block.forward).parameters.values()
     try:
         bound = inspect.signature(block.forward).bind(None, *args, **kwargs)
     except TypeError:
         return None
     named = dict(bound.arguments)
     named.pop(next(iter(named)))  # the hidden states
-    extra = [p for p in inspect.signature(block.forward).parameters.values() if p.kind == p.VAR_KEYWORD]
-    if extra and extra[0].name in named:
-        named.update(named.pop(extra[0].name))
-    if any(p.kind == p.VAR_POSITIONAL and p.name in named for p in inspect.signature(block.forward).parameters.values()):
+    if any(p.kind == p.VAR_POSITIONAL and p.name in named for p in params):
         return None
+    for p in params:
+        if p.kind == p.VAR_KEYWORD and p.name in named:
+            named.update(named.pop(p.name))
     return named
 
 
@@ -249,7 +252,7 @@ def make_runner(block: nn.Module, facts: ArchFacts, hidden: list[torch.Tensor], 
     reproduce the block (once per run: `verdict` carries the result to later blocks), else a
     generic BlockRunner."""
     branches = facts.branches
-    usable = bool(branches) and all(any(all(n.startswith(b.body + ".") for n in g) for b in branches) for g in groups)
+    usable = bool(branches) and all(_branch_index(branches, g) is not None for g in groups)
     if usable and "reason" not in verdict:
         verdict["reason"] = branches_reproduce_block(block, branches, hidden[0], calls[0])
         if verdict["reason"]:

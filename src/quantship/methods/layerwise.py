@@ -253,6 +253,7 @@ def input_groups(facts: ArchFacts, block_targets: list[str]) -> tuple[list[tuple
     return groups, prev
 
 
+@large_allocations_mapped()
 def run_layerwise(model: nn.Module, facts: ArchFacts, targets: dict[str, nn.Module], tokens: torch.Tensor,
                   solve: BlockSolver, *, batch_size: int = 4, want_hessian: bool = True, sample_tokens: int = 0,
                   float_stats: bool = True, progress: bool = True, report: dict | None = None,
@@ -267,14 +268,6 @@ def run_layerwise(model: nn.Module, facts: ArchFacts, targets: dict[str, nn.Modu
     The targets' float weights are released once their block is done (the caller swaps them
     for quantized modules; reading them afterwards is an error)."""
     blocks = model.get_submodule(facts.blocks)
-    with large_allocations_mapped():
-        return _run_blocks(model, facts, blocks, targets, tokens, solve, batch_size=batch_size,
-                           want_hessian=want_hessian, sample_tokens=sample_tokens, float_stats=float_stats,
-                           progress=progress, report=report, desc=desc, on_quantized=on_quantized)
-
-
-def _run_blocks(model, facts, blocks, targets, tokens, solve, *, batch_size, want_hessian, sample_tokens, float_stats,
-                progress, report, desc, on_quantized) -> dict[str, QuantizedWeight]:
     started = time.perf_counter()
     hidden, calls_by_size = capture_block_inputs(model, blocks, tokens, batch_size)
     in_blocks = {id(p) for p in blocks.parameters()}
