@@ -34,6 +34,7 @@ import torch
 from ..formats.grid import QuantizedWeight, decode_groups, group_view, params_from_range, quantize_groups
 from ..formats.scheme import Scheme
 from .registry import Method, register_method
+from .threads import single_thread
 
 log = logging.getLogger(__name__)
 
@@ -148,18 +149,6 @@ def _group_params(scheme: Scheme, cols: torch.Tensor) -> tuple[torch.Tensor, tor
     return params_from_range(scheme, w_min, w_max)
 
 
-class _single_thread:
-    """The column loop is thousands of tiny ops: OpenMP fan-out costs more than it buys (measured
-    0.28 s on 1 thread vs 1.65 s on 2 for a 960x576 weight on a busy 2-core machine)."""
-
-    def __enter__(self):
-        self.saved = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.saved)
-
-
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, params: GPTQParams) -> tuple[QuantizedWeight, dict]:
     """GPTQ one (out, in) weight against its input Hessian (in, in). -> (weight, info)."""
     w = w.detach().float().clone()
@@ -171,7 +160,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, params
     # are set later from the columns as GPTQ has updated them, so they get no range search
     static = scheme.granularity != "group" or params.act_order
     clip = hessian_clip_search(w, h, scheme, params.clip_grid, params.clip_min) if params.clip_search and static else 1.0
-    with _single_thread():
+    with single_thread():
         return _gptq_quantize(w, h, scheme, params, clip, static)
 
 

@@ -38,6 +38,7 @@ from ..formats.grid import (NF4_CODEBOOK, QuantizedWeight, _fp16, decode_groups,
                             quantize_groups)
 from ..formats.scheme import Scheme
 from .registry import Method, register_method
+from .threads import single_thread
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ def hqq_quantize_weight(w: torch.Tensor, scheme: Scheme, params: HQQParams) -> Q
     # thread (elementwise passes; measured on the busy 2-core machine, 576x1536 w4g64-asym:
     # ~1.0 s on 1 thread in 64k blocks, 1.3 s whole-matrix, 4-12 s on 2 threads). early_stop acts per block.
     rows = max(1, ROWS_PER_BLOCK_ELEMS // max(1, groups.shape[1] * groups.shape[2]))
-    with _single_thread():
+    with single_thread():
         parts = [_solve_groups(scheme, groups[i: i + rows], params) for i in range(0, groups.shape[0], rows)]
     codes = torch.cat([p[0] for p in parts])
     scale = torch.cat([p[1] for p in parts])
@@ -139,15 +140,6 @@ def hqq_quantize_weight(w: torch.Tensor, scheme: Scheme, params: HQQParams) -> Q
 
 
 ROWS_PER_BLOCK_ELEMS = 1 << 16
-
-
-class _single_thread:
-    def __enter__(self):
-        self.saved = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.saved)
 
 
 def supports(scheme: Scheme) -> bool:
