@@ -62,6 +62,18 @@ def test_hqq_zero_only_mode_keeps_the_rtn_scale():
     assert mse(w, qw) < mse(w, quantize_weight(sc, w))
 
 
+def test_hqq_warns_once_on_a_symmetric_integer_grid(caplog, monkeypatch):
+    import quantship.methods.hqq as hqq
+
+    monkeypatch.setattr(hqq, "_warned_symmetric", set())
+    w = llm_like_weight()
+    with caplog.at_level("WARNING", logger="quantship.methods.hqq"):
+        for name in ("w4g64-asym", "nf4g64", "w4g64", "w4g64"):
+            hqq_quantize_weight(w, parse_scheme(name), HQQParams(iterations=2))
+    warnings = [r.getMessage() for r in caplog.records if r.name == "quantship.methods.hqq"]
+    assert len(warnings) == 1 and "w4g64" in warnings[0] and "w4g64-asym" in warnings[0]
+
+
 def test_shrink_lp_zeroes_small_errors_and_keeps_large_ones():
     x = torch.tensor([-2.0, -0.05, 0.0, 0.05, 2.0])
     y = shrink_lp(x, beta=10.0, p=0.7)
