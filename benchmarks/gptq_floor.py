@@ -48,7 +48,7 @@ def block_flops(config: dict, tokens: int, seqlen: int) -> dict[str, float]:
         "gate/up linears": 2.0 * tokens * d * 2 * f,
         "down_proj linear": 2.0 * tokens * f * d,
         # X^T X is symmetric: a rank-k update needs half the products of a GEMM
-        "Hessians q/k/v, o, gate/up": 3 * tokens * float(d) * d if attn == d else tokens * (2.0 * d * d + attn * attn),
+        "Hessians q/k/v, o, gate/up": tokens * (2.0 * d * d + float(attn) * attn),
         "Hessian down_proj": tokens * float(f) * f,
     }
 
@@ -77,8 +77,15 @@ def gemm_rates(config: dict, rows: int, repeats: int) -> dict[str, float]:
 
 
 def measured_pass(manifest_path: Path) -> dict:
-    manifest = json.loads(manifest_path.read_text())
-    layerwise = manifest["method_report"]["layerwise"]
+    """The per-block phases of a layer-by-layer artifact; ValueError naming what is missing."""
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the manifest {manifest_path}: {e}") from None
+    layerwise = (manifest.get("method_report") or {}).get("layerwise")
+    if not layerwise or not layerwise.get("blocks"):
+        raise ValueError(f"{manifest_path} has no layer-by-layer report (method "
+                         f"{(manifest.get('method') or {}).get('name')!r}): pass a GPTQ artifact's quantship.json")
     blocks = layerwise["blocks"]
 
     def median_of(key):
@@ -106,6 +113,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="folder for gptq_floor.json")
     args = parser.parse_args()
 
+    measured = None
+    if args.manifest:  # checked before the minutes of measuring
+        try:
+            measured = measured_pass(args.manifest)
+        except ValueError as e:
+            parser.error(str(e))
     pull(args.model)
     config = json.loads((model_dir(args.model) / "config.json").read_text())
     config = config.get("text_config", config)
@@ -142,8 +155,7 @@ def main() -> None:
               "blocks": layers, "gflop_per_block": {k: round(v / 1e9, 2) for k, v in flops.items()},
               "gflops": {k: round(v, 2) for k, v in rates.items()}, "floor_s": round(floor_s, 1),
               "target_s": args.target_s}
-    if args.manifest:
-        measured = measured_pass(args.manifest)
+    if measured:
         side = Table(title=f"measured pass ({measured['method']} {measured['scheme']}) beside the floor")
         for column in ("", "seconds"):
             side.add_column(column, justify="left" if not column else "right")
