@@ -37,7 +37,7 @@ def test_quantize_save_verify_load_generate(tiny_models, tmp_path, arch, scheme)
 def test_manifest_records_what_the_issue_asks(tiny_models, tmp_path):
     out = quantship.quantize(str(tiny_models["llama"]), "w4g32", out=tmp_path / "a", progress=False, log=lambda *a: None)
     m = json.loads((out / "quantship.json").read_text())
-    assert m["schema_version"] == 1
+    assert m["schema_version"] == 2 and m["manifest_sha256"]
     assert m["source"]["files"]["model.safetensors"]
     assert m["method"] == {"name": "rtn", "params": {"clip_search": False, "clip_grid": 20, "clip_min": 0.5}}
     assert m["bits_per_weight"]["quantized_layers"] == pytest.approx(4.5)

@@ -2,6 +2,14 @@
 
 __version__ = "0.1.0"
 
-from .api import evaluate, load, quantize, verify  # noqa: E402
-
 __all__ = ["__version__", "evaluate", "load", "quantize", "verify"]
+
+
+def __getattr__(name: str):
+    # The API imports torch and transformers (seconds); `quantship --help` and `import quantship`
+    # stay fast by importing it on first use.
+    if name in ("evaluate", "load", "quantize", "verify"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'quantship' has no attribute {name!r}")

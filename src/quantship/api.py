@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from .artifact import load_artifact, verify_artifact, write_artifact
-from .models.load import load_model, resolve_model
+from .fsutil import check_output_location, is_empty_dir
+from .models.load import float32_bytes, load_model, resolve_model
 from .specs import EvalSpec, QuantSpec
 
 
@@ -23,9 +24,15 @@ def quantize(model: str | Path, scheme: str, *, method: str = "rtn", out: str | 
     spec = QuantSpec(scheme=scheme, method=method, method_params=tuple((method_params or {}).items()),
                      ignore=tuple(ignore), quantize_head=quantize_head, seed=seed, calib=calib,
                      calib_samples=calib_samples, calib_seqlen=calib_seqlen)
+    _check_method(spec)
+    if out is not None:  # every check that needs no model weights runs before anything is loaded or pulled
+        local = Path(str(model)).expanduser()
+        _check_replace(out, overwrite, source=local if local.exists() else None)
     source = resolve_model(model, log=log)
-    if out is not None and Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --force) to replace it")
+    if out is not None:
+        _check_replace(out, overwrite, source=source)
+        check_output_location(out, float32_bytes(source) + _OUTPUT_MARGIN)
+        overwrite = overwrite or is_empty_dir(out)
     model_obj, tokenizer = load_model(source, dtype=torch.float32, log=log)
     calib_set = _calibration(spec, model_obj, tokenizer)
     result = quantize_model(model_obj, tokenizer, spec, source=source, progress=progress, calib=calib_set)
@@ -34,6 +41,28 @@ def quantize(model: str | Path, scheme: str, *, method: str = "rtn", out: str | 
     if out is None:
         return result
     return write_artifact(result, out, overwrite=overwrite)
+
+
+def _check_method(spec: QuantSpec) -> None:
+    from .methods.registry import get_method
+
+    method = get_method(spec.method)  # unknown names list the valid ones
+    method.make_params(spec.params)  # unknown or ill-typed parameters
+    method.check_scheme(spec.parsed_scheme)
+
+
+_OUTPUT_MARGIN = 64 << 20  # tokenizer files and the manifest beside the tensors
+
+
+def _check_replace(out: str | Path, overwrite: bool, *, source: Path | None) -> None:
+    """An existing output folder is replaced only with overwrite, and only if it is an artifact."""
+    from .artifact import check_replaceable
+
+    out = Path(out)
+    if out.exists() and not is_empty_dir(out):
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --force) to replace it")
+        check_replaceable(out, source=source)
 
 
 def _calibration(spec: QuantSpec, model, tokenizer):

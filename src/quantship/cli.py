@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was left half-written", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: missing, unwritable, full, exists
         print(f"error: {e}", file=sys.stderr)
         return 1
 
@@ -174,7 +174,9 @@ def cmd_schemes(args) -> int:
     from .report import console
     from rich.table import Table
 
-    table = Table(title=f"scheme grammar: {GRAMMAR}")
+    from rich.markup import escape
+
+    table = Table(title=escape(f"scheme grammar: {GRAMMAR}"))  # the grammar's [..] is not markup
     for col in ("scheme", "format", "granularity", "bpw (576x576 layer)"):
         table.add_column(col)
     for name in ("w8", "w8pt", "w4", "w4g64", "w4g32-asym", "w3g64", "w2g64", "nf4g64", "fp8", "w8a8"):

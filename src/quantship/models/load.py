@@ -47,8 +47,63 @@ def is_artifact(path: Path) -> bool:
     return (path / ARTIFACT_MANIFEST).is_file()
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The folder's safetensors files, each header checked; a clear error for anything else.
+
+    Only safetensors are loaded: a pickle checkpoint can run arbitrary code when unpickled."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ValueError(
+                f"{path / pickles[0]} is a pickle checkpoint; quantship loads only safetensors (unpickling can run "
+                f"arbitrary code). Convert it once where you trust it: AutoModelForCausalLM.from_pretrained(folder)"
+                f".save_pretrained(new_folder, safe_serialization=True)"
+            )
+        raise FileNotFoundError(f"{path} has no *.safetensors weights; expected a Hugging Face model folder "
+                                f"(config.json, model.safetensors or shards, tokenizer files)")
+    for file in files:
+        safetensors_header(file)
+    return files
+
+
+def safetensors_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape) of every tensor in `file`, reading only its header."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: (str(f.get_slice(k).get_dtype()), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except Exception as e:  # safetensors raises SafetensorError (and OSError) on damaged files
+        text = str(e).strip().splitlines()
+        raise ValueError(f"{file} is not a readable safetensors file ({text[0] if text else type(e).__name__}); "
+                         f"it may be truncated or damaged: copy or convert it again") from None
+
+
+def float32_bytes(path: Path) -> int:
+    """Bytes of the folder's tensors held as float32 (what quantization loads), from the headers."""
+    import math
+
+    total = 0
+    for file in weight_files(path):
+        total += sum(math.prod(shape) * 4 for _, shape in safetensors_header(file).values())
+    return total
+
+
+def check_finite_state(model: torch.nn.Module, where: Path) -> None:
+    from ..artifact import check_finite
+
+    check_finite(dict(model.state_dict()), what=f"model {where} cannot be used")
+
+
 def load_model(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, log=print):
-    """-> (model, tokenizer). Quantship artifacts are verified and loaded with QuantLinear layers."""
+    """-> (model, tokenizer). Quantship artifacts are verified and loaded with QuantLinear layers.
+
+    A Hugging Face folder is loaded from safetensors only, and refused (naming the tensors) if any
+    weight is NaN or Inf: quantizing such a model would write non-finite scales."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path, log=log)
@@ -56,7 +111,18 @@ def load_model(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, 
         from ..artifact import load_artifact
 
         return load_artifact(path, dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    weight_files(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        text = str(e).strip().splitlines()
+        raise ValueError(f"model {path} cannot be loaded: {text[0] if text else type(e).__name__}") from None
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    check_finite_state(model, path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        text = str(e).strip().splitlines()
+        raise ValueError(f"model {path}: the tokenizer cannot be loaded ({text[0] if text else type(e).__name__}); "
+                         f"expected tokenizer.json or tokenizer_config.json beside config.json") from None
     return model, tokenizer
