@@ -272,9 +272,11 @@ def _check_structure(manifest: dict, where: Path) -> None:
         field = f"modules[{name!r}]"
         if not isinstance(info, dict):
             bad(field, "must be an object")
+        if not isinstance(info.get("scheme"), str):
+            bad(f"{field}.scheme", "must be a scheme name")
         try:
-            scheme = parse_scheme(info.get("scheme"))
-        except (ValueError, TypeError) as e:
+            scheme = parse_scheme(info["scheme"])
+        except ValueError as e:
             bad(f"{field}.scheme", f"is invalid ({e})")
         if info.get("format") != scheme.kind:
             bad(f"{field}.format", f"is {info.get('format')!r} but scheme {scheme.name} stores {scheme.kind!r}")
