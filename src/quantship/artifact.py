@@ -99,11 +99,13 @@ def check_replaceable(target: str | Path, *, source: str | Path | None = None) -
                                   f"the model being quantized. Choose another output folder")
     if not any(target.iterdir()):
         return
+    refuse = "--force replaces only folders quantship wrote. Choose another output or move the folder yourself"
+    if not (target / MANIFEST).is_file():
+        raise FileExistsError(f"{target} is not a quantship artifact (it has no {MANIFEST}); {refuse}")
     try:
         manifest = read_manifest(target)
     except ArtifactError as e:
-        raise FileExistsError(f"{target} is not a quantship artifact ({e}); --force replaces only folders "
-                              f"quantship wrote. Choose another output or move the folder yourself") from None
+        raise FileExistsError(f"{target} is not a valid quantship artifact ({e}); {refuse}") from None
     present = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
     foreign = sorted(present - set(manifest["files"]) - {MANIFEST})
     if foreign:
