@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.quantship-installed
 
-.PHONY: setup run test test-fast clean
+.PHONY: setup run test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -88,6 +88,18 @@ def test_sampling_is_seeded_and_respects_top_k():
     assert c != a
     rep = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=12, repetition_penalty=5.0, ignore_eos=True))[0]
     assert len(set(rep)) > len(set(engine.generate([PROMPTS[1]], GREEDY)[0][:12])) - 1
+    # top-k: every sampled token is among the k most likely next tokens of its prefix (by transformers'
+    # own forward); a hot temperature makes sampling without the cut leave the top k (checked too)
+    prompt = tok(PROMPTS[1], add_special_tokens=False)["input_ids"]
+
+    def ranks(out: list[int]) -> list[int]:
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + out])).logits[0, len(prompt) - 1 : -1]  # (T, V)
+        return [int((row > row[t]).sum()) for row, t in zip(logits, out)]  # 0 = the most likely
+
+    hot = dict(max_tokens=24, temperature=5.0, seed=11, ignore_eos=True)
+    assert max(ranks(engine.generate([prompt], SamplingParams(top_k=3, **hot))[0])) < 3
+    assert max(ranks(engine.generate([prompt], SamplingParams(**hot))[0])) >= 3
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])

@@ -141,14 +141,21 @@ def test_calibrated_methods_end_to_end(tiny_models, tmp_path, arch, method):
     rtn = quantship.quantize(src, "w4g32", method="rtn", out=tmp_path / "r", **QUIET)
     kld = quantship.evaluate(src, out, ctx=64, max_windows=4, **QUIET)["kld"]["mean"]
     kld_rtn = quantship.evaluate(src, rtn, ctx=64, max_windows=4, **QUIET)["kld"]["mean"]
-    assert 0 <= kld < 1.5 * kld_rtn + 1e-6, (kld, kld_rtn)
+    # the calibration must pay off on held-out text: a method that ignored it (RTN) sits at 1.0x;
+    # measured on these models 0.24x-0.83x
+    assert 0 < kld < 0.9 * kld_rtn, (kld, kld_rtn)
 
 
 def test_layerwise_report_has_per_block_time_and_rss(tiny_models):
     result = quantship.quantize(tiny_models["llama"], "w4g32", method="gptq", calib_samples=4, calib_seqlen=32, **QUIET)
     lw = result.extra["layerwise"]
     assert [b["block"] for b in lw["blocks"]] == [0, 1]
-    assert all(b["seconds"] >= 0 and b["rss_bytes"] > 0 for b in lw["blocks"]) and lw["peak_rss_bytes"] > 0
+    for b in lw["blocks"]:
+        # a block's time is its phases' (each rounded to 1 ms; only freeing the solve's tensors lies between)
+        phases = b["stats_s"] + b["solve_s"] + b["forward_s"]
+        assert b["seconds"] > 0 and abs(b["seconds"] - phases) <= 0.02, b
+        assert 0 < b["rss_bytes"] <= lw["peak_rss_bytes"]
+    assert sum(b["seconds"] for b in lw["blocks"]) <= lw["seconds"]
 
 
 def test_gptq_artifact_is_byte_identical_for_same_seed(tiny_models, tmp_path):
@@ -319,7 +326,7 @@ def test_true_sequential_gives_a_valid_artifact_on_every_architecture_table(tiny
     rtn = quantship.quantize(src, "w4g32", method="rtn", out=tmp_path / "r", **QUIET)
     kld = quantship.evaluate(src, out, ctx=64, max_windows=4, **QUIET)["kld"]["mean"]
     kld_rtn = quantship.evaluate(src, rtn, ctx=64, max_windows=4, **QUIET)["kld"]["mean"]
-    assert 0 <= kld < 1.5 * kld_rtn + 1e-6, (kld, kld_rtn)
+    assert 0 < kld < 0.9 * kld_rtn, (kld, kld_rtn)  # RTN, which ignores calibration, is 1.0x; measured 0.24x-0.70x
 
 
 def _record_gptq_calls(monkeypatch, module):

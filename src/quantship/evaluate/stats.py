@@ -180,11 +180,9 @@ class ECEAccumulator:
         Confidence is the top-1 softmax probability, correct is argmax == target. Accepts torch
         tensors or numpy arrays; computes in float32 / float64 without keeping the logits.
         """
-        try:
-            import torch
-        except ImportError:  # pragma: no cover - torch is a dependency
-            torch = None
-        if torch is not None and isinstance(logits, torch.Tensor):
+        import torch
+
+        if isinstance(logits, torch.Tensor):
             with torch.no_grad():
                 probs = torch.softmax(logits.detach().float(), dim=-1)
                 top = probs.max(dim=-1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from ..fsutil import atomic_write_text, canonical_json
 from .checkers import CheckResult, check
 from .fastpath import dequantized_once
 from .generate import DEFAULT_BATCH_SIZE, generate
-from .stats import Calibration, ECEAccumulator, flip_counts, mcnemar_exact, paired_bootstrap_ci
+from .stats import flip_counts, mcnemar_exact, paired_bootstrap_ci
 from .suites import (GENERATION_SUITES, SCORING_SUITES, Item, Suite, SuiteContext, load_jsonl, load_suite,
                      multilingual_texts, score_slices)
 
@@ -194,19 +194,6 @@ def score_text_pair(baseline, candidate, text: str) -> dict:
     return {"tokens": int(tgt.shape[0]), "kld_mean": float(kl.mean()), "ppl_baseline": float(np.exp(nll_b)),
             "ppl_candidate": float(np.exp(nll_c)), "ln_ppl_ratio": float(nll_c - nll_b),
             "top1_agreement": float((lp_b.argmax(-1) == lp_c.argmax(-1)).float().mean())}
-
-
-def ece_from_logits(chunks: Iterable[tuple[Any, Any]], *, n_bins: int = 15,
-                    accumulator: ECEAccumulator | None = None) -> Calibration:
-    """ECE of next-token predictions fed chunk by chunk: (logits (..., V), targets (...)) pairs.
-
-    Pass your own `accumulator` to keep feeding it elsewhere (e.g. inside the perplexity loop,
-    `acc.update_logits(logits, targets)` per window batch) and call `acc.result()` at the end.
-    """
-    acc = accumulator or ECEAccumulator(n_bins)
-    for logits, targets in chunks:
-        acc.update_logits(logits, targets)
-    return acc.result()
 
 
 # ----------------------------------------------------------------------------- rendering

@@ -1,7 +1,7 @@
 """Fast CPU kernels for QuantLinear, chosen per layer from a preference-ordered table (KERNELS).
 
 Preferred: quantship's native AVX2 kernels (quantship/native, built by `make setup`), then torch's
-own. Measured on a 2-core AVX2 EPYC (session 5, docs/results/kernels.md, benchmarks/kernels.py):
+own. On a 2-core AVX2 EPYC (docs/results/kernels.md, benchmarks/kernels.py):
 batch-1 GEMV of a 1536x576 layer, cold caches (60 distinct layers cycled), median of repeats:
     fp32 F.linear                                               ~370 us
     int8: native (fp32 activations)        ~91 us | torch _weight_int8pack_mm (bf16 act.)  ~173 us

@@ -41,26 +41,26 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GPTQParams:
-    # the paper's 0.01: with the range search and true-sequential Hessians it beats 0.1 on SmolLM2
-    # w3g64 (gap closed 80.3% vs 78.3%; docs/results/methods.md). Before the range search 0.1 had
-    # been better (blocks 0-2 at w4, KLD: 0.01 -> 0.052, 0.1 -> 0.035).
+    # the paper's 0.01: with the range search and true-sequential Hessians below, light dampening
+    # keeps more of the Hessian's information and closes more of RTN's gap than 0.1
+    # (docs/results/methods.md, "GPTQ's defaults")
     percdamp: float = 0.01  # dampening, as a fraction of the mean Hessian diagonal
     block_size: int = 128  # columns per lazy-update block
     act_order: bool = True  # columns by decreasing Hessian diagonal (static groups: plain layout)
     max_damp_retries: int = 6  # each retry multiplies the dampening by 10
-    # each group's range shrink chosen to minimise the Hessian-weighted rounding error (w4, 32 x 512
-    # calibration: ppl 41.19 -> 35.10, gap closed 47% -> 73%; w3g64: 53.48 -> 45.08)
+    # each group's range shrink chosen to minimise the Hessian-weighted rounding error: a min/max
+    # range wastes levels on outliers that the error feedback cannot win back (docs/methods.md)
     clip_search: bool = True
     clip_grid: int = 20  # candidate ratios between 1.0 and clip_min
     clip_min: float = 0.5
-    # calibration windows per block forward: 2 keeps transients small (SmolLM2 block 0 peak RSS
-    # 909 MiB vs 940 MiB at 4, against the 2x-the-model budget of 1026 MiB)
+    # calibration windows per block forward: few keeps the forward's transient memory small, which
+    # the layer-by-layer pass needs to stay under 2x the float model
     batch_size: int = 2
     # inside a block, quantize the input groups in forward order (q/k/v, o, gate/up, down) and take
-    # each later group's Hessian from inputs produced by the already-quantized earlier linears.
-    # On SmolLM2 w3g64 (128 x 512) at percdamp 0.01 gap closed 79.9% -> 80.3%; and it is the fast
-    # path: run branch by branch, every linear once per block (methods/block_runner.py). Off: every
-    # group's H from one float pass of the block, then a quantized re-run.
+    # each later group's Hessian from inputs produced by the already-quantized earlier linears, so
+    # later groups correct the earlier ones' rounding. It is also the fast path: run branch by
+    # branch, every linear once per block (methods/block_runner.py). Off: every group's H from one
+    # float pass of the block, then a quantized re-run.
     true_sequential: bool = True
 
     def __post_init__(self) -> None:

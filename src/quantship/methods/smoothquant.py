@@ -49,9 +49,9 @@ class SmoothQuantParams:
     alpha: float = 0.5  # migration strength: 0 = no smoothing, 1 = all difficulty to the weights
     # per-group alpha search: alpha from alpha_min, alpha_min + alpha_step, ..., alpha_max (plus `alpha`
     # itself) minimising the group's w8a8 output error on calibration rows; `alpha` when off.
-    # On by default with weight_method="gptq": the pair is what brings pure w8a8 on SmolLM2-135M
-    # under KLD 0.01 (64 x 512: 0.0093; alpha 0.5 + rtn 0.0129, search + rtn 0.0130, alpha 0.5 +
-    # gptq 0.0117; docs/results/methods.md)
+    # On by default with weight_method="gptq": the search moves more of each group's outliers into
+    # the weights and GPTQ absorbs the weight error that costs; neither alone does both
+    # (docs/results/methods.md, W8A8)
     alpha_search: bool = True
     alpha_min: float = 0.3
     alpha_max: float = 0.9
