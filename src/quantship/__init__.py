@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .api import evaluate, load, quantize, verify  # noqa: E402
+from .api import bench, evaluate, load, quantize, verify  # noqa: E402
 
-__all__ = ["__version__", "evaluate", "load", "quantize", "verify"]
+__all__ = ["__version__", "bench", "evaluate", "load", "quantize", "verify"]
