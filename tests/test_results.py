@@ -134,6 +134,22 @@ def test_eval_settings_are_checked_before_any_model_is_loaded(monkeypatch, kwarg
         quantship.evaluate("smollm2-135m", "out/none", **kwargs, **QUIET)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "gptq", "method_params": {"no_such": 1}}, "no parameter"),
+    ({"method": "smoothquant"}, "does not support"),
+    ({"method": "gptq", "calib": "news:-1"}, "positive"),
+    ({"method": "nope"}, "unknown method"),
+])
+def test_quantize_settings_are_checked_before_the_model_is_loaded(monkeypatch, kwargs, message):
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr(api, "load_model", no_loading)
+    monkeypatch.setattr(api, "resolve_model", no_loading)
+    with pytest.raises(ValueError, match=message):
+        quantship.quantize("smollm2-135m", "w4g64", **kwargs, **QUIET)
+
+
 def test_bench_settings_are_checked_before_the_model_is_loaded(monkeypatch):
     import quantship.bench.run as run
 

@@ -35,6 +35,7 @@ def quantize(model: str | Path | tuple, scheme: str, *, method: str = _d(QuantSp
     spec = QuantSpec(scheme=scheme, method=method, method_params=tuple((method_params or {}).items()),
                      ignore=tuple(ignore), quantize_head=quantize_head, seed=seed, calib=calib,
                      calib_samples=calib_samples, calib_seqlen=calib_seqlen)
+    _check_before_loading(spec)
     if not isinstance(model, tuple):
         source = resolve_model(model, log=log)
     if out is not None and Path(out).exists() and not overwrite:
@@ -51,6 +52,20 @@ def quantize(model: str | Path | tuple, scheme: str, *, method: str = _d(QuantSp
     if out is None:
         return result
     return write_artifact(result, out, overwrite=overwrite)
+
+
+def _check_before_loading(spec: QuantSpec) -> None:
+    """What can be checked without the model: the method exists, takes its parameters and the
+    scheme, and the calibration spec parses (layer shapes are checked once the model is loaded)."""
+    from .methods.registry import get_method
+
+    method = get_method(spec.method)
+    method.make_params(spec.params)
+    method.check_scheme(spec.parsed_scheme)
+    if method.needs_calibration:
+        from .calib.sources import parse_source_spec
+
+        parse_source_spec(spec.calib)
 
 
 def _copy_of_loaded(pair: tuple, source: str | Path | None):

@@ -10,6 +10,7 @@ bandwidth, and (with --price-per-hour) cost per million output tokens.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import subprocess
@@ -28,6 +29,7 @@ def run_bench(spec: BenchSpec, *, progress: bool = True) -> BenchReport:
     machine = machine_info(measure=False).to_dict()
     if spec.measure_bandwidth:  # before loading, so the model's threads do not compete with it
         machine["bandwidth_gbs"] = measure_bandwidth_subprocess()
+    machine = json.loads(json.dumps(machine))  # plain JSON values (tuples as lists): exact round trips
     engine, load_s, model_info = load_engine(spec)
     if spec.mode == "single":
         result = _single(engine, spec, load_s, machine["bandwidth_gbs"], progress)
