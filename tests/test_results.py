@@ -41,10 +41,24 @@ def test_eval_report_round_trips_exactly_and_names_its_models(tiny_models, tmp_p
     # the candidate is named by the artifact's content hash, the baseline by its files' hashes
     manifest = quantship.verify(art)
     assert rep.candidate.sha256 == manifest["content_sha256"] and rep.candidate.digest == "artifact"
+    assert folder_sha256(art) == (manifest["content_sha256"], "artifact")
     assert rep.baseline.sha256 == files_digest(hash_tree(tiny_models["llama"])) and rep.baseline.digest == "files"
     assert rep.matches(rep.baseline.sha256, manifest["content_sha256"], rep.data_sha256)
     assert not rep.matches(rep.baseline.sha256, "0" * 64)
     assert rep.candidate.bits_per_weight == manifest["bits_per_weight"]["quantized_layers"]
+
+
+def test_a_builtins_digest_is_the_one_of_its_files_recorded_at_pull_time(tiny_models, tmp_path):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_models["llama"], folder)
+    hashed = folder_sha256(folder)
+    assert hashed == (files_digest(hash_tree(folder)), "files")
+    (folder / "quantship-source.json").write_text(json.dumps({"name": "m", "files": hash_tree(folder)}))
+    assert folder_sha256(folder) == hashed  # the recorded table, the manifest itself left out
+    (folder / "quantship-source.json").write_text(json.dumps({"name": "m", "files": {"model.safetensors": "0" * 64}}))
+    assert folder_sha256(folder)[0] != hashed[0]  # read from the record, not the files
 
 
 def test_data_hash_changes_with_the_text_and_the_windows(tiny_models, tmp_path):

@@ -232,12 +232,13 @@ def _eval_spec(args) -> EvalSpec:
                     suites=suites, suite_files=args.suite_file, full=args.full, limit=args.limit, seed=args.seed)
 
 
-def _print_reports(reports) -> None:
+def _print_reports(reports, *, kld: bool = True) -> None:
     from .evaluate.tasks import render_tables
     from .report import console, kld_table
 
     for report in reports:
-        console.print(kld_table(report, report.candidate.name))
+        if kld:
+            console.print(kld_table(report, report.candidate.name))
         if report.tasks is not None:
             render_tables(report.tasks.as_dict(), console=console)
 
@@ -268,6 +269,7 @@ def cmd_demo(args) -> int:
 
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     reports = run_demo(args.model, schemes, _eval_spec(args), out_dir=args.out_dir, items_dir=args.items_dir)
+    _print_reports(reports, kld=False)
     console.print(eval_table(reports, title=f"{args.model}: RTN candidates vs fp32 baseline "
                                             f"(news eval split, ctx {args.ctx}, second half scored)",
                              baseline_size=True))

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from ..specs import KV_KINDS, BenchSpec  # noqa: F401  (BenchSpec lives with the other specs)
+from ..specs import BenchSpec
 from .metrics import load_metrics
 from .results import BenchModel, BenchReport, LoadStats, SingleStreamStats
 

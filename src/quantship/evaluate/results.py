@@ -15,7 +15,7 @@ JSON (what `quantship eval --json` writes for one candidate; keys in docs/evalua
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
