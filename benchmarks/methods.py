@@ -32,7 +32,8 @@ from quantship.memory import peak_rss_bytes
 model, scheme, method, params, out, n, seqlen = sys.argv[1:8]
 t = time.perf_counter()
 quantship.quantize(model, scheme, method=method, method_params=json.loads(params), out=out, overwrite=True,
-                   progress=False, calib_samples=int(n), calib_seqlen=int(seqlen), log=lambda *a, **k: None)
+                   progress=False, calib_samples=int(n), calib_seqlen=int(seqlen), log=lambda *a, **k: None,
+                   reclaim_memory=True)  # a one-shot process, as the CLI's quantize
 print(json.dumps({"wall_s": time.perf_counter() - t,
                   "peak_rss_bytes": peak_rss_bytes()}))
 """
@@ -123,7 +124,7 @@ def main() -> None:
             started = time.perf_counter()
             q = quantize_in_subprocess(args.model, scheme, method, out, args.calib_samples, args.calib_seqlen)
             manifest = quantship.verify(out)
-            rep = quantship.evaluate(baseline, quantship.load(out), max_windows=args.max_windows, progress=False)
+            rep = quantship.evaluate(baseline, quantship.load(out), max_windows=args.max_windows, progress=False).to_json()
             layerwise = (manifest.get("method_report") or {}).get("layerwise") or {}
             rows.append({
                 "scheme": scheme, "method": method, "ppl_base": rep["ppl"]["baseline"], "ppl": rep["ppl"]["candidate"],

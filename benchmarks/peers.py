@@ -232,7 +232,8 @@ def artifact(scheme: str) -> str:
 
 
 def run_quantship(kind: str, ids: list[int], n: int, repeats: int) -> dict:
-    from quantship.bench.run import BenchSpec, load_engine
+    from quantship.bench.run import load_engine
+    from quantship.specs import BenchSpec
     from quantship.bench.single import single_stream
 
     engine, load_s, info = load_engine(BenchSpec(model=artifact(kind.split("-", 1)[1]), input_len=len(ids),
@@ -245,11 +246,12 @@ def run_quantship(kind: str, ids: list[int], n: int, repeats: int) -> dict:
 
 
 def run_concurrency(concurrency: int, ids_len: int, n: int) -> dict:
-    from quantship.bench.run import BenchSpec, run_bench
+    from quantship.bench.run import run_bench
+    from quantship.specs import BenchSpec
 
     spec = BenchSpec(model=artifact("w8"), concurrency=concurrency, num_prompts=concurrency, input_len=ids_len,
                      output_len=n, max_batch=concurrency, measure_bandwidth=False)
-    r = run_bench(spec, progress=False)
+    r = run_bench(spec, progress=False).to_json()
     keep = ("output_tok_s", "decode_tok_s", "request_throughput", "duration_s", "mean_decode_batch", "ttft_s",
             "tpot_s", "itl_s", "e2e_s", "peak_rss_bytes")
     return {k: r[k] for k in keep}

@@ -14,7 +14,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from quantship.bench.run import BenchSpec, load_engine
+from quantship.bench.run import load_engine
+from quantship.specs import BenchSpec
 from quantship.engine import SamplingParams
 
 

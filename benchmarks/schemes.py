@@ -39,7 +39,7 @@ def main() -> None:
         q_s = time.perf_counter() - started
         manifest = quantship.verify(out)
         cand = quantship.load(out)
-        rep = quantship.evaluate(baseline, cand, max_windows=args.max_windows)
+        rep = quantship.evaluate(baseline, cand, max_windows=args.max_windows).to_json()
         rows.append({
             "scheme": scheme, "bpw": manifest["bits_per_weight"]["quantized_layers"],
             "file_bytes": (out / "model.safetensors").stat().st_size, "quantize_s": round(q_s, 1),

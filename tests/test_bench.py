@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from quantship.bench.metrics import RequestTiming, load_metrics, meets_slo, parse_slo, percentile, summarize
-from quantship.bench.run import BenchSpec, run_bench
+from quantship.bench.results import BenchReport
+from quantship.bench.run import run_bench
+from quantship.specs import BenchSpec
 from quantship.bench.workload import corpus_prompts, poisson_arrivals, sample_lengths
 from quantship.cli import main as cli
 
@@ -141,7 +143,9 @@ def _spec(model, **kw) -> BenchSpec:
 
 
 def test_run_bench_single_stream_keys_and_consistency(tiny_models):
-    r = run_bench(_spec(tiny_models["llama"], price_per_hour=3.6), progress=False)
+    report = run_bench(_spec(tiny_models["llama"], price_per_hour=3.6), progress=False)
+    r = report.to_json()
+    assert BenchReport.from_json(r) == report and BenchReport.from_json(json.loads(json.dumps(r))).to_json() == r
     for key in SINGLE_KEYS:
         assert key in r
     assert r["mode"] == "single" and r["prompt_tokens"] == 12 and r["output_tokens"] == 6
@@ -155,7 +159,10 @@ def test_run_bench_single_stream_keys_and_consistency(tiny_models):
 
 
 def test_run_bench_concurrency_keys_and_counts(tiny_models):
-    r = run_bench(_spec(tiny_models["llama"], concurrency=3, num_prompts=5, slo="ttft=60s,tpot=60s"), progress=False)
+    report = run_bench(_spec(tiny_models["llama"], concurrency=3, num_prompts=5, slo="ttft=60s,tpot=60s"),
+                       progress=False)
+    r = report.to_json()
+    assert BenchReport.from_json(r) == report and report.load.completed == 5 and report.single is None
     assert r["output_tok_s"] > 0 and r["completed"] == 5 and r["total_output_tokens"] == 5 * 6
     for key in LATENCY_KEYS:
         assert set(r[key]) == {"mean", "median", "p95", "p99"} and r[key]["median"] > 0
@@ -174,7 +181,7 @@ def test_run_bench_poisson_with_length_range(tiny_models):
     prompts, out_lens = make_workload(spec, AutoTokenizer.from_pretrained(tiny_models["qwen2"]))
     assert len({len(p) for p in prompts}) > 1 and all(6 <= len(p) <= 18 for p in prompts)  # drawn, in range
     assert make_workload(spec, AutoTokenizer.from_pretrained(tiny_models["qwen2"])) == (prompts, out_lens)
-    r = run_bench(spec, progress=False)
+    r = run_bench(spec, progress=False).to_json()
     assert r["completed"] == 4 and r["mode"] == "request_rate"
     assert r["total_input_tokens"] == sum(map(len, prompts)) and r["total_output_tokens"] == sum(out_lens)
 

@@ -28,11 +28,11 @@ def test_identical_models_have_zero_kld_and_full_agreement(pair, tmp_path):
     f = tmp_path / "t.txt"
     f.write_text(TEXT)
     rep = compare(pair, pair, texts=[str(f)], spec=EvalSpec(ctx=32, max_windows=0), progress=False)
-    assert rep["kld"]["mean"] == pytest.approx(0.0, abs=1e-9)
-    assert rep["top1_agreement"] == 1.0
-    assert rep["ppl"]["baseline"] == pytest.approx(rep["ppl"]["candidate"])
-    assert rep["delta_p"]["rms"] == pytest.approx(0.0, abs=1e-9)
-    assert rep["ece"]["baseline"] == pytest.approx(rep["ece"]["candidate"]) and 0 <= rep["ece"]["baseline"] <= 1
+    assert rep.kld.mean == pytest.approx(0.0, abs=1e-9)
+    assert rep.top1_agreement == 1.0
+    assert rep.ppl.baseline == pytest.approx(rep.ppl.candidate)
+    assert rep.delta_p.rms == pytest.approx(0.0, abs=1e-9)
+    assert rep.ece.baseline == pytest.approx(rep.ece.candidate) and 0 <= rep.ece.baseline <= 1
 
 
 def test_statistics_match_a_direct_computation(pair, tmp_path):
@@ -50,12 +50,12 @@ def test_statistics_match_a_direct_computation(pair, tmp_path):
     targets = windows[:, ctx // 2 + 1 :]
     kl = (lb.exp() * (lb - lc)).sum(-1)
     nll_b = -lb.gather(-1, targets[..., None]).squeeze(-1)
-    assert rep["tokens"] == 3 * (ctx // 2 - 1)
-    assert rep["kld"]["mean"] == pytest.approx(float(kl.mean()), rel=1e-4)
-    assert rep["kld"]["max"] == pytest.approx(float(kl.max()), rel=1e-4)
-    assert rep["ppl"]["baseline"] == pytest.approx(math.exp(float(nll_b.mean())), rel=1e-4)
+    assert rep.tokens == 3 * (ctx // 2 - 1)
+    assert rep.kld.mean == pytest.approx(float(kl.mean()), rel=1e-4)
+    assert rep.kld.max == pytest.approx(float(kl.max()), rel=1e-4)
+    assert rep.ppl.baseline == pytest.approx(math.exp(float(nll_b.mean())), rel=1e-4)
     same = (lb.argmax(-1) == lc.argmax(-1)).float().mean()
-    assert rep["top1_agreement"] == pytest.approx(float(same))
+    assert rep.top1_agreement == pytest.approx(float(same))
 
 
 def test_too_little_text_and_missing_file_are_clear(pair, tmp_path):

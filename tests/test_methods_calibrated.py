@@ -139,8 +139,8 @@ def test_calibrated_methods_end_to_end(tiny_models, tmp_path, arch, method):
     gen = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert gen.shape[1] == ids.shape[1] + 5
     rtn = quantship.quantize(src, "w4g32", method="rtn", out=tmp_path / "r", **QUIET)
-    kld = quantship.evaluate(src, out, ctx=64, max_windows=4, **QUIET)["kld"]["mean"]
-    kld_rtn = quantship.evaluate(src, rtn, ctx=64, max_windows=4, **QUIET)["kld"]["mean"]
+    kld = quantship.evaluate(src, out, ctx=64, max_windows=4, **QUIET).kld.mean
+    kld_rtn = quantship.evaluate(src, rtn, ctx=64, max_windows=4, **QUIET).kld.mean
     # the calibration must pay off on held-out text: a method that ignored it (RTN) sits at 1.0x;
     # measured on these models 0.24x-0.83x
     assert 0 < kld < 0.9 * kld_rtn, (kld, kld_rtn)
@@ -324,8 +324,8 @@ def test_true_sequential_gives_a_valid_artifact_on_every_architecture_table(tiny
     ids = tok("def add(a, b):", return_tensors="pt")["input_ids"]
     assert torch.isfinite(model(ids).logits).all()
     rtn = quantship.quantize(src, "w4g32", method="rtn", out=tmp_path / "r", **QUIET)
-    kld = quantship.evaluate(src, out, ctx=64, max_windows=4, **QUIET)["kld"]["mean"]
-    kld_rtn = quantship.evaluate(src, rtn, ctx=64, max_windows=4, **QUIET)["kld"]["mean"]
+    kld = quantship.evaluate(src, out, ctx=64, max_windows=4, **QUIET).kld.mean
+    kld_rtn = quantship.evaluate(src, rtn, ctx=64, max_windows=4, **QUIET).kld.mean
     assert 0 < kld < 0.9 * kld_rtn, (kld, kld_rtn)  # RTN, which ignores calibration, is 1.0x; measured 0.24x-0.70x
 
 

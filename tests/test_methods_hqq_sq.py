@@ -102,8 +102,8 @@ def test_hqq_quantize_save_verify_load(tiny_models, tmp_path, arch):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, mem(ids).logits)
     rtn = quantship.quantize(src, "w4g32-asym", method="rtn", out=tmp_path / "r", **QUIET)
-    kld = quantship.evaluate(src, out, ctx=64, max_windows=4, **QUIET)["kld"]["mean"]
-    kld_rtn = quantship.evaluate(src, rtn, ctx=64, max_windows=4, **QUIET)["kld"]["mean"]
+    kld = quantship.evaluate(src, out, ctx=64, max_windows=4, **QUIET).kld.mean
+    kld_rtn = quantship.evaluate(src, rtn, ctx=64, max_windows=4, **QUIET).kld.mean
     assert 0 <= kld < 1.5 * kld_rtn + 1e-6, (kld, kld_rtn)
 
 
@@ -190,8 +190,8 @@ def test_smoothquant_end_to_end(tiny_models, tmp_path, arch):
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert layers and all(m.scheme.name == "w8a8" and m.act_scale is None for m in layers)
     naive = quantship.quantize(src, "w8a8", method="rtn", out=tmp_path / "naive", **QUIET)
-    kld = quantship.evaluate(src, out, ctx=64, max_windows=4, **QUIET)["kld"]["mean"]
-    kld_naive = quantship.evaluate(src, naive, ctx=64, max_windows=4, **QUIET)["kld"]["mean"]
+    kld = quantship.evaluate(src, out, ctx=64, max_windows=4, **QUIET).kld.mean
+    kld_naive = quantship.evaluate(src, naive, ctx=64, max_windows=4, **QUIET).kld.mean
     # smoothing must pay off on held-out text: naive W8A8 (no calibration) is 1.0x; measured 0.46x-0.82x
     assert 0 < kld < 0.9 * kld_naive and kld_naive < 0.05, (kld, kld_naive)
 
@@ -249,7 +249,7 @@ def test_smoothquant_static_activation_scales_round_trip(tiny_models, tmp_path):
     assert layers and all(m.act_scale is not None and m.act_scale.item() > 0 for m in layers)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, mem_logits)
-    kld = quantship.evaluate(src, out, ctx=64, max_windows=4, **QUIET)["kld"]["mean"]
+    kld = quantship.evaluate(src, out, ctx=64, max_windows=4, **QUIET).kld.mean
     assert 0 <= kld < 0.1
 
 

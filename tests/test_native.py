@@ -158,7 +158,7 @@ def test_a_failed_build_falls_back_with_the_reason(monkeypatch, caplog):
     def no_compiler():
         raise RuntimeError("Error building extension 'quantship_native': g++ not found")
 
-    monkeypatch.setattr(native, "_state", {})  # as in a fresh process; restored after the test
+    monkeypatch.setattr(native, "_build_outcome", {})  # as in a fresh process; restored after the test
     monkeypatch.setattr(native, "_build", no_compiler)
     assert native.available() is False
     assert "g++ not found" in native.unavailable_reason()

@@ -45,16 +45,16 @@ def test_second_pull_reuses_the_converted_folder(monkeypatch):
 
 def test_w4g32_asym_reproduces_the_q4_1_source(baseline):
     rep = _eval(baseline, "w4g32-asym")
-    assert rep["kld"]["mean"] < 0.001 and rep["top1_agreement"] > 0.99
+    assert rep.kld.mean < 0.001 and rep.top1_agreement > 0.99
 
 
 def test_w8_is_close_and_per_channel_w4_is_worse_than_grouped(baseline):
     w8 = _eval(baseline, "w8")
-    assert w8["kld"]["mean"] < 0.005 and w8["top1_agreement"] > 0.95
+    assert w8.kld.mean < 0.005 and w8.top1_agreement > 0.95
     w4 = _eval(baseline, "w4")
     w4g64 = _eval(baseline, "w4g64")
-    assert w4["kld"]["mean"] > 1.5 * w4g64["kld"]["mean"]
-    assert w4["ppl"]["candidate"] > w4g64["ppl"]["candidate"]
+    assert w4.kld.mean > 1.5 * w4g64.kld.mean
+    assert w4.ppl.candidate > w4g64.ppl.candidate
 
 
 def test_loaded_artifact_resident_memory_is_close_to_packed_size(tmp_path):
@@ -100,7 +100,7 @@ def test_gemma3_pulls_quantizes_and_stays_close_at_w8():
     base = quantship.load(path)
     r = quantship.quantize("gemma3-270m", "w8", progress=False, log=lambda *a: None)
     rep = quantship.evaluate(base, (r.model, r.tokenizer), max_windows=2, progress=False)
-    assert rep["kld"]["mean"] < 0.01 and rep["top1_agreement"] > 0.95
+    assert rep.kld.mean < 0.01 and rep.top1_agreement > 0.95
 
 
 def test_engine_matches_transformers_greedy_on_the_default_model(baseline):

@@ -94,7 +94,7 @@ def test_alpha_search_end_to_end_records_choices_in_the_manifest(tiny_models, tm
     model, _ = quantship.load(out)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert layers and all(m.scheme.name == "w8a8" for m in layers)
-    assert quantship.evaluate(src, out, ctx=64, max_windows=4, **QUIET)["kld"]["mean"] < 0.05
+    assert quantship.evaluate(src, out, ctx=64, max_windows=4, **QUIET).kld.mean < 0.05
 
 
 @pytest.mark.parametrize("extra", [{"weight_method": "gptq"}, {"weight_method": "rtn", "clip": True},
@@ -107,4 +107,4 @@ def test_smoothquant_weight_rounding_options_stay_pure_w8a8(tiny_models, tmp_pat
     manifest = quantship.verify(out)
     assert all(manifest["method"]["params"][k] == v for k, v in extra.items())
     assert {info["scheme"] for info in manifest["modules"].values()} == {"w8a8"}
-    assert quantship.evaluate(src, out, ctx=64, max_windows=4, **QUIET)["kld"]["mean"] < 0.05
+    assert quantship.evaluate(src, out, ctx=64, max_windows=4, **QUIET).kld.mean < 0.05

@@ -10,32 +10,50 @@ import torch
 from .artifact import load_artifact, verify_artifact, write_artifact
 from .fsutil import check_output_location, is_empty_dir
 from .models.load import float32_bytes, load_model, resolve_model
-from .specs import EvalSpec, QuantSpec
+from .specs import EvalSpec, QuantSpec, default_of
 
 
-def quantize(model: str | Path, scheme: str, *, method: str = "rtn", out: str | Path | None = None,
-             overwrite: bool = False, method_params: dict[str, Any] | None = None, ignore: tuple[str, ...] = (),
-             quantize_head: bool = False, seed: int = 0, calib: str | None = None, calib_samples: int = 128,
-             calib_seqlen: int = 512, progress: bool = True, log=print):
+def _d(cls, name: str):
+    return default_of(cls, name)
+
+
+def quantize(model: str | Path | tuple, scheme: str, *, method: str = _d(QuantSpec, "method"),
+             out: str | Path | None = None, overwrite: bool = False, method_params: dict[str, Any] | None = None,
+             ignore: tuple[str, ...] = _d(QuantSpec, "ignore"), quantize_head: bool = _d(QuantSpec, "quantize_head"),
+             seed: int = _d(QuantSpec, "seed"), calib: str | None = _d(QuantSpec, "calib"),
+             calib_samples: int = _d(QuantSpec, "calib_samples"), calib_seqlen: int = _d(QuantSpec, "calib_seqlen"),
+             source: str | Path | None = None, reclaim_memory: bool = False, progress: bool = True, log=print):
     """Quantize a built-in or local HF model. Writes an artifact when `out` is given (returns its path),
-    else returns the in-memory QuantResult."""
+    else returns the in-memory QuantResult.
+
+    model: a name/path, or a loaded (model, tokenizer) pair: that model is left as it was (a copy is
+    quantized) and `source` names its folder for the manifest (default: the folder it was loaded from).
+    reclaim_memory: for one-shot processes (the CLI): hand the float weights' file pages back to the OS
+    during calibrated methods and fix glibc's mmap threshold for the process (memory.reclaiming_memory).
+    Nothing else outlives the call: torch's thread count and RNG state are as they were."""
     from .pipeline import quantize_model
 
     spec = QuantSpec(scheme=scheme, method=method, method_params=tuple((method_params or {}).items()),
                      ignore=tuple(ignore), quantize_head=quantize_head, seed=seed, calib=calib,
                      calib_samples=calib_samples, calib_seqlen=calib_seqlen)
-    _check_method(spec)
+    _check_before_loading(spec)
+    loaded = isinstance(model, tuple)
     if out is not None:  # every check that needs no model weights runs before anything is loaded or pulled
-        local = Path(str(model)).expanduser()
+        local = Path(str(source if loaded else model)).expanduser()
         _check_replace(out, overwrite, source=local if local.exists() else None)
-    source = resolve_model(model, log=log)
+    if loaded:
+        model_obj, tokenizer, source = _copy_of_loaded(model, source)
+    else:
+        source = resolve_model(model, log=log)
     if out is not None:
         _check_replace(out, overwrite, source=source)
         check_output_location(out, float32_bytes(source) + _OUTPUT_MARGIN)
         overwrite = overwrite or is_empty_dir(out)
-    model_obj, tokenizer = load_model(source, dtype=torch.float32, log=log)
+    if not loaded:
+        model_obj, tokenizer = load_model(source, dtype=torch.float32, log=log)
     calib_set = _calibration(spec, model_obj, tokenizer)
-    result = quantize_model(model_obj, tokenizer, spec, source=source, progress=progress, calib=calib_set)
+    result = quantize_model(model_obj, tokenizer, spec, source=source, progress=progress, calib=calib_set,
+                            reclaim_memory=reclaim_memory)
     if calib_set is not None:
         result.calibration = calib_set.info
     if out is None:
@@ -43,12 +61,30 @@ def quantize(model: str | Path, scheme: str, *, method: str = "rtn", out: str | 
     return write_artifact(result, out, overwrite=overwrite)
 
 
-def _check_method(spec: QuantSpec) -> None:
+def _check_before_loading(spec: QuantSpec) -> None:
+    """What can be checked without the model: the method exists, takes its parameters and the
+    scheme, and the calibration spec parses (layer shapes are checked once the model is loaded)."""
     from .methods.registry import get_method
 
-    method = get_method(spec.method)  # unknown names list the valid ones
-    method.make_params(spec.params)  # unknown or ill-typed parameters
+    method = get_method(spec.method)
+    method.make_params(spec.params)
     method.check_scheme(spec.parsed_scheme)
+    if method.needs_calibration:
+        from .calib.sources import parse_source_spec
+
+        parse_source_spec(spec.calib)
+
+
+def _copy_of_loaded(pair: tuple, source: str | Path | None):
+    """(model, tokenizer) given by the caller -> (a deep copy to quantize, tokenizer, source folder)."""
+    import copy
+
+    model, tokenizer = pair
+    folder = Path(source if source is not None else getattr(model, "name_or_path", "") or "")
+    if not str(folder) or not folder.is_dir():
+        raise ValueError("quantize((model, tokenizer), ...) needs the model's folder for the manifest: "
+                         "pass source=<the folder it was loaded from>")
+    return copy.deepcopy(model), tokenizer, folder
 
 
 _OUTPUT_MARGIN = 64 << 20  # tokenizer files and the manifest beside the tensors
@@ -75,15 +111,33 @@ def _calibration(spec: QuantSpec, model, tokenizer):
     return build_calibration(spec, model, tokenizer)
 
 
-def evaluate(baseline, candidate, *, texts=None, ctx: int = 512, max_windows: int = 40, batch_size: int = 4,
-             progress: bool = True, log=print) -> dict:
-    """Compare a candidate with its baseline. Models: names/paths or (model, tokenizer) pairs."""
-    from .evaluate.compare import compare
+def evaluate(baseline, candidate, *, texts=_d(EvalSpec, "texts"), ctx: int = _d(EvalSpec, "ctx"),
+             max_windows: int = _d(EvalSpec, "max_windows"), batch_size: int = _d(EvalSpec, "batch_size"),
+             suites=_d(EvalSpec, "suites"), suite_files=_d(EvalSpec, "suite_files"), full: bool = _d(EvalSpec, "full"),
+             limit: int | None = _d(EvalSpec, "limit"), seed: int = _d(EvalSpec, "seed"),
+             items_dir: str | Path | None = None, progress: bool = True, log=print):
+    """Compare a candidate with its baseline (as `quantship eval`): perplexity and KL statistics on
+    `texts` (default: the news corpus's eval split), plus task `suites`. Models: names/paths or
+    (model, tokenizer) pairs. A list of candidates gives a list of EvalReports, else one EvalReport.
+    The settings are checked (EvalSpec) before any model is loaded."""
+    from .evaluate.run import evaluate_models
 
-    spec = EvalSpec(ctx=ctx, max_windows=max_windows, batch_size=batch_size)
-    base = baseline if isinstance(baseline, tuple) else load_model(baseline, log=log)
-    cand = candidate if isinstance(candidate, tuple) else load_model(candidate, log=log)
-    return compare(base, cand, texts=texts, spec=spec, progress=progress)
+    spec = EvalSpec(ctx=ctx, max_windows=max_windows, batch_size=batch_size, texts=texts or (), suites=suites,
+                    suite_files=suite_files, full=full, limit=limit, seed=seed)
+    several = isinstance(candidate, list)
+    reports = evaluate_models(baseline, candidate if several else [candidate], spec, items_dir=items_dir,
+                              progress=progress, log=log)
+    return reports if several else reports[0]
+
+
+def bench(model: str | Path, **options):
+    """Speed and memory of a model or artifact on the engine (as `quantship bench`); options are
+    BenchSpec's fields, checked before the model is loaded. -> BenchReport."""
+    from .bench.run import run_bench
+    from .specs import BenchSpec
+
+    progress = options.pop("progress", True)
+    return run_bench(BenchSpec(model=str(model), **options), progress=progress)
 
 
 def load(path: str | Path, *, dtype: torch.dtype = torch.float32):

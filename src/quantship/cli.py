@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_bench_options(b: argparse.ArgumentParser) -> None:
-    from .bench.run import KV_KINDS, BenchSpec
+    from .specs import KV_KINDS, BenchSpec
 
     def d(name):
         return default_of(BenchSpec, name)
@@ -143,14 +143,14 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-windows", type=int, default=default_of(EvalSpec, "max_windows"),
                    help="windows per text (0 = all)")
     p.add_argument("--batch-size", type=int, default=default_of(EvalSpec, "batch_size"))
-    p.add_argument("--suites", default="", metavar="LIST",
+    p.add_argument("--suites", default=",".join(default_of(EvalSpec, "suites")), metavar="LIST",
                    help="task suites, comma-separated: code,math,json,qa,long,multilingual,refusal or all")
     p.add_argument("--suite-file", action="append", default=[], metavar="JSONL",
                    help="your own suite (repeatable; format in docs/evaluation.md)")
     p.add_argument("--full", action="store_true", help="full suites (e.g. all 164 HumanEval problems)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many items per suite")
+    p.add_argument("--limit", type=int, default=default_of(EvalSpec, "limit"), help="at most this many items per suite")
     p.add_argument("--items-dir", default=None, help="write per-item results (JSONL) here")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=default_of(EvalSpec, "seed"))
 
 
 def cmd_pull(args) -> int:
@@ -207,7 +207,8 @@ def cmd_quantize(args) -> int:
     path = api.quantize(args.model, args.scheme, method=args.method, out=out, overwrite=args.force,
                         method_params=_method_params(args), ignore=tuple(args.ignore),
                         quantize_head=args.quantize_head, seed=args.seed, calib=args.calib,
-                        calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen)
+                        calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+                        reclaim_memory=True)  # one-shot process: the float model is dropped anyway
     manifest = read_manifest(path)
     console.print(quant_table(manifest, str(path)))
     print(f"wrote {path} (content sha256 {manifest['content_sha256'][:16]}…, "
@@ -228,127 +229,55 @@ def cmd_verify(args) -> int:
 
 
 def _eval_spec(args) -> EvalSpec:
-    return EvalSpec(ctx=args.ctx, max_windows=args.max_windows, batch_size=args.batch_size)
+    suites = tuple(s.strip() for s in args.suites.split(",") if s.strip())
+    return EvalSpec(ctx=args.ctx, max_windows=args.max_windows, batch_size=args.batch_size, texts=args.text or (),
+                    suites=suites, suite_files=args.suite_file, full=args.full, limit=args.limit, seed=args.seed)
 
 
-def _evaluate_all(baseline: str, candidates: list[str], args) -> list[dict]:
-    from .evaluate.compare import compare
-    from .models.load import is_artifact, load_model, resolve_model
+def _print_reports(reports, *, kld: bool = True) -> None:
+    from .evaluate.tasks import render_tables
+    from .report import console, kld_table
 
-    spec = _eval_spec(args)
-    base = load_model(baseline)
-    rows = []
-    for cand_name in candidates:
-        path = resolve_model(cand_name)
-        cand = load_model(path)
-        report = compare(base, cand, texts=args.text, spec=spec)
-        _warn_calibration_overlap(path, base[1], args, spec)
-        if args.suites or args.suite_file:
-            report["tasks"] = _run_tasks(base, cand, args, cand_name)
-        row = {"name": cand_name, "report": report, "bpw": None, "size_bytes": None}
-        if is_artifact(path):
-            from .artifact import read_manifest
-
-            manifest = read_manifest(path)
-            row["bpw"] = manifest["bits_per_weight"]["quantized_layers"]
-            row["size_bytes"] = (path / "model.safetensors").stat().st_size
-            row["calibration"] = manifest.get("calibration")
-        rows.append(row)
-        del cand
-    return rows
+    for report in reports:
+        if kld:
+            console.print(kld_table(report, report.candidate.name))
+        if report.tasks is not None:
+            render_tables(report.tasks.as_dict(), console=console)
 
 
-def _suite_list(text: str) -> list[str]:
-    from .evaluate.suites import GENERATION_SUITES, SCORING_SUITES
-
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    return [*GENERATION_SUITES, *SCORING_SUITES] if names == ["all"] else names
-
-
-def _run_tasks(base, cand, args, cand_name: str) -> dict:
-    from .evaluate.tasks import render_tables, run_suites
-    from .fsutil import canonical_json, sha256_bytes
-    from .report import console
-
-    items_dir = None
-    if args.items_dir:
-        items_dir = Path(args.items_dir) / Path(cand_name).name
-    results = run_suites(base, cand, _suite_list(args.suites), suite_files=args.suite_file, full=args.full,
-                         seed=args.seed, limit=args.limit, out_dir=items_dir)
-    render_tables(results, console=console)
-    hashes = {name: r.get("content_hash") for name, r in results.items()}
-    return {**results, "content_sha256": sha256_bytes(canonical_json(hashes).encode())}
-
-
-def _warn_calibration_overlap(path: Path, tokenizer, args, spec: EvalSpec) -> None:
-    """Loudly warn when a candidate was calibrated on the very windows it is evaluated on."""
-    from .models.load import is_artifact
-
-    if not is_artifact(path):
-        return
-    from .artifact import read_manifest
-
-    calibration = read_manifest(path).get("calibration")
-    if not calibration:
-        return
-    from .calib.overlap import find_overlap
-    from .evaluate.compare import load_texts
-    from .evaluate.metrics import make_windows
-
-    for name, text in load_texts(args.text).items():
-        windows = make_windows(tokenizer(text, add_special_tokens=False)["input_ids"], spec.ctx, spec.max_windows)
-        overlap = find_overlap(calibration, windows)
-        if overlap:
-            print(f"WARNING: {path} was calibrated on data that overlaps the evaluation text {name!r}: {overlap}. "
-                  f"Its scores are optimistic; evaluate on held-out text.", file=sys.stderr)
-
-
-def _write_json(path: str, rows: list[dict], baseline: str) -> None:
+def _write_json(path: str, reports) -> None:
+    from .evaluate.results import reports_to_json
     from .fsutil import atomic_write_json
 
-    if len(rows) == 1:
-        payload = {"baseline": baseline, "candidate": rows[0]["name"], **rows[0]["report"]}
-    else:
-        payload = {"baseline": baseline, "candidates": {r["name"]: r["report"] for r in rows}}
-    atomic_write_json(path, payload)
+    atomic_write_json(path, reports_to_json(reports))
     print(f"wrote {path}")
 
 
 def cmd_eval(args) -> int:
-    from .report import console, eval_table, kld_table
+    from .evaluate.run import evaluate_models
+    from .report import console, eval_table
 
-    rows = _evaluate_all(args.baseline, args.candidates, args)
-    for row in rows:
-        console.print(kld_table(row["report"], row["name"]))
-    console.print(eval_table(rows, title=f"{args.baseline} vs candidates (ctx {args.ctx}, second half scored)"))
+    reports = evaluate_models(args.baseline, args.candidates, _eval_spec(args), items_dir=args.items_dir)
+    _print_reports(reports)
+    console.print(eval_table(reports, title=f"{args.baseline} vs candidates (ctx {args.ctx}, second half scored)"))
     if args.json:
-        _write_json(args.json, rows, args.baseline)
+        _write_json(args.json, reports)
     return 0
 
 
 def cmd_demo(args) -> int:
-    from . import api
-    from .models.builtin import model_dir
+    from .evaluate.run import run_demo
     from .report import console, eval_table
 
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
-    artifacts = []
-    for scheme in schemes:
-        out = Path(args.out_dir) / f"{args.model}-{scheme}-rtn"
-        print(f"quantizing {args.model} -> {scheme} (rtn) into {out}")
-        api.quantize(args.model, scheme, method="rtn", out=out, overwrite=True)
-        artifacts.append(str(out))
-    rows = _evaluate_all(args.model, artifacts, args)
-    for row, scheme in zip(rows, schemes):
-        row["name"] = f"{scheme} rtn"
-        src = model_dir(args.model) / "model.safetensors"
-        row["base_bytes"] = src.stat().st_size if src.exists() else None
-    console.print(eval_table(rows, title=f"{args.model}: RTN candidates vs fp32 baseline "
-                                         f"(news eval split, ctx {args.ctx}, second half scored)"))
+    reports = run_demo(args.model, schemes, _eval_spec(args), out_dir=args.out_dir, items_dir=args.items_dir)
+    _print_reports(reports, kld=False)
+    console.print(eval_table(reports, title=f"{args.model}: RTN candidates vs fp32 baseline "
+                                            f"(news eval split, ctx {args.ctx}, second half scored)",
+                             baseline_size=True))
     if args.json:
-        _write_json(args.json, rows, args.model)
+        _write_json(args.json, reports)
     return 0
-
 
 
 def cmd_plan(args) -> int:
@@ -365,16 +294,17 @@ def cmd_plan(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench.run import BenchSpec, run_bench
     from .bench.report import render_bench
+    from .bench.run import run_bench
     from .report import console
+    from .specs import BenchSpec
 
     spec = BenchSpec(model=args.model, concurrency=args.concurrency, request_rate=args.request_rate,
                      num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
                      range_ratio=args.range_ratio, kv=args.kv, max_batch=args.max_batch, repeats=args.repeats,
                      warmup=args.warmup, slo=args.slo, seed=args.seed, price_per_hour=args.price_per_hour,
                      measure_bandwidth=not args.no_bandwidth)
-    result = run_bench(spec)
+    result = run_bench(spec).to_json()
     console.print(render_bench(result))
     if args.json:
         from .fsutil import atomic_write_json

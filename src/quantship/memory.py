@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import resource
 import sys
@@ -133,25 +134,72 @@ def _in_private_file_mapping(lo: int, hi: int) -> bool:
 _M_MMAP_THRESHOLD = -3
 _GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # where glibc's own (dynamic) threshold tops out on 64-bit
 
+# glibc has no call that reads the mmap threshold back, so quantship records what it set:
+# None = never set by quantship (glibc's own dynamic threshold is in effect).
+_mmap_threshold: int | None = None
+
+
+def mmap_threshold_set() -> int | None:
+    """The mmap threshold quantship last set in this process, or None (glibc's dynamic default)."""
+    return _mmap_threshold
+
 
 class large_allocations_mapped(contextlib.ContextDecorator):
-    """Inside (a `with` block or a decorated function): every allocation of at least `threshold` bytes gets its own mapping, handed back to
-    the OS when freed. glibc otherwise raises its mmap threshold after the first large free and
-    serves later multi-MB tensors from the heap, where long-lived ones (calibration caches) pin
-    the freed temporaries around them: block 0 of GPTQ on SmolLM2 peaked at 1036 MiB that way,
-    946 MiB with a 1 MiB threshold. On exit the threshold is set to glibc's dynamic maximum (the
-    dynamic adjustment itself cannot be switched back on). A no-op without glibc."""
+    """Inside (a `with` block or a decorated function): every allocation of at least `threshold`
+    bytes gets its own mapping, handed back to the OS when freed. glibc otherwise raises its mmap
+    threshold after the first large free and serves later multi-MB tensors from the heap, where
+    long-lived ones (calibration caches) pin the freed temporaries around them: block 0 of GPTQ on
+    SmolLM2 peaked at 1036 MiB that way, 946 MiB with a 1 MiB threshold. A no-op without glibc.
+
+    On exit the threshold in effect before is set again (nested blocks restore the outer value).
+    glibc's dynamic adjustment cannot be switched back on once a threshold is set, so leaving the
+    outermost block sets glibc's dynamic maximum: a process-wide change that lasts. Library code
+    therefore enters this only where its caller asked for it (`reclaiming_memory(True)`: the
+    CLI's one-shot quantize)."""
 
     def __init__(self, threshold: int = 2**20):
         self.threshold = threshold
+        self._saved: list[int | None] = []
 
     def __enter__(self):
+        self._saved.append(_mmap_threshold)
         self._set(self.threshold)
         return self
 
     def __exit__(self, *exc):
-        self._set(_GLIBC_MMAP_THRESHOLD_MAX)
+        previous = self._saved.pop()
+        self._set(_GLIBC_MMAP_THRESHOLD_MAX if previous is None else previous)
 
     @staticmethod
     def _set(value: int) -> None:
+        global _mmap_threshold
+        _mmap_threshold = value
         _libc_call("mallopt", _M_MMAP_THRESHOLD, value)
+
+
+# Whether the running quantization may hand memory back to the OS in ways that outlive it or
+# that break the float model: madvise(DONTNEED) of the float weights' file pages and a fixed
+# glibc mmap threshold. Set only through `reclaiming_memory` (a context, restored on exit).
+_reclaim: contextvars.ContextVar[bool] = contextvars.ContextVar("quantship_reclaim_memory", default=False)
+
+
+@contextlib.contextmanager
+def reclaiming_memory(enabled: bool = True):
+    """Inside: layer-by-layer calibration hands the float weights' pages of a memory-mapped
+    checkpoint back to the OS once a block is quantized (the float model is unusable afterwards)
+    and maps large allocations separately (see large_allocations_mapped). For one-shot processes
+    (the CLI's quantize) that drop the float model anyway; off by default."""
+    token = _reclaim.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _reclaim.reset(token)
+
+
+def reclaim_enabled() -> bool:
+    return _reclaim.get()
+
+
+def reclaim_context(threshold: int = 2**20):
+    """large_allocations_mapped(threshold) where reclaiming is on, else a context that does nothing."""
+    return large_allocations_mapped(threshold) if reclaim_enabled() else contextlib.nullcontext()

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .formats.grid import QuantizedWeight
 from .formats.linear import QuantLinear
 from .formats.scheme import Scheme
-from .memory import HeapTrimmer
+from .memory import HeapTrimmer, reclaiming_memory
 from .methods.registry import get_method
 from .models.arch import ArchFacts, arch_facts
 from .specs import QuantSpec
@@ -78,8 +78,13 @@ def check_scheme_fits(targets: dict[str, nn.Module], scheme: Scheme) -> None:
 
 
 def quantize_model(model: nn.Module, tokenizer, spec: QuantSpec, *, source: Path, progress: bool = True,
-                   calib=None) -> QuantResult:
-    """Quantize `model` in place according to `spec` and return the swapped model + format table."""
+                   calib=None, reclaim_memory: bool = False) -> QuantResult:
+    """Quantize `model` in place according to `spec` and return the swapped model + format table.
+
+    reclaim_memory: hand the float weights' pages back to the OS as layer-by-layer calibration
+    finishes with them, and map large allocations separately (memory.reclaiming_memory): lower
+    peak RSS for a one-shot process, at the price of process-wide allocator settings. The torch
+    RNG is seeded with spec.seed inside and restored on return."""
     facts = arch_facts(model.config.model_type)
     scheme = spec.parsed_scheme
     method = get_method(spec.method)
@@ -92,7 +97,12 @@ def quantize_model(model: nn.Module, tokenizer, spec: QuantSpec, *, source: Path
         raise ValueError("no layer to quantize: every target matched --ignore")
     check_scheme_fits(targets, scheme)
 
-    torch.manual_seed(spec.seed)
+    with reclaiming_memory(reclaim_memory), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        return _quantize_targets(model, tokenizer, spec, source, method, params, scheme, targets, calib, progress)
+
+
+def _quantize_targets(model, tokenizer, spec, source, method, params, scheme, targets, calib, progress) -> QuantResult:
     result = QuantResult(model, tokenizer, spec, source, method_params=_params_dict(params))
     started = time.perf_counter()
     # glibc keeps freed per-layer temporaries (MBs each, interleaved with the kept codes) as heap:

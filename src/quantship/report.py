@@ -19,46 +19,49 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def eval_table(rows: list[dict], title: str = "baseline vs candidates") -> Table:
-    """rows: {name, bpw, size_bytes, report} where report is an evaluate() result."""
+def eval_table(reports: list, title: str = "baseline vs candidates", *, baseline_size: bool = False) -> Table:
+    """One row per EvalReport (its candidate's name, bpw, size); baseline_size: show the baseline's size."""
     table = Table(title=title, header_style="bold")
     for col in ("candidate", "bpw", "size", "ppl", "Δ ln ppl", "KLD mean", "KLD p99", "top-1", "RMS Δp"):
         table.add_column(col, justify="left" if col == "candidate" else "right")
-    if rows:
-        base = rows[0]["report"]
-        table.add_row("baseline (fp32)", "32", fmt_bytes(rows[0].get("base_bytes", 0)) if rows[0].get("base_bytes") else "",
-                      f"{base['ppl']['baseline']:.3f}", "", "", "", "", "")
-    for row in rows:
-        rep = row["report"]
+    if reports:
+        base = reports[0]
+        base_bytes = base.baseline.size_bytes if baseline_size else None
+        table.add_row("baseline (fp32)", "32", fmt_bytes(base_bytes) if base_bytes else "",
+                      f"{base.ppl.baseline:.3f}", "", "", "", "", "")
+    for rep in reports:
+        cand = rep.candidate
         table.add_row(
-            row["name"],
-            f"{row['bpw']:.2f}" if row.get("bpw") is not None else "",
-            fmt_bytes(row["size_bytes"]) if row.get("size_bytes") else "",
-            f"{rep['ppl']['candidate']:.3f}",
-            f"{rep['ppl']['ln_ratio']:+.4f}",
-            f"{rep['kld']['mean']:.5f}",
-            f"{rep['kld']['p99']:.4f}",
-            f"{rep['top1_agreement']:.4f}",
-            f"{rep['delta_p']['rms']:.4f}",
+            cand.name,
+            f"{cand.bits_per_weight:.2f}" if cand.bits_per_weight is not None else "",
+            fmt_bytes(cand.size_bytes) if cand.size_bytes else "",
+            f"{rep.ppl.candidate:.3f}",
+            f"{rep.ppl.ln_ratio:+.4f}",
+            f"{rep.kld.mean:.5f}",
+            f"{rep.kld.p99:.4f}",
+            f"{rep.top1_agreement:.4f}",
+            f"{rep.delta_p.rms:.4f}",
         )
     return table
 
 
-def kld_table(report: dict, name: str) -> Table:
-    table = Table(title=f"{name}: KL divergence statistics ({report['tokens']} scored tokens)", header_style="bold")
+def kld_table(report, name: str) -> Table:
+    """The KL statistics of one EvalReport."""
+    from dataclasses import asdict
+
+    table = Table(title=f"{name}: KL divergence statistics ({report.tokens} scored tokens)", header_style="bold")
     table.add_column("statistic")
     table.add_column("value", justify="right")
-    ppl = report["ppl"]
+    ppl = report.ppl
     rows = [
-        ("PPL baseline", f"{ppl['baseline']:.4f}"),
-        ("PPL candidate", f"{ppl['candidate']:.4f}"),
-        ("ln(PPL_cand/PPL_base)", f"{ppl['ln_ratio']:+.5f} ± {ppl['ln_ratio_stderr']:.5f}"),
+        ("PPL baseline", f"{ppl.baseline:.4f}"),
+        ("PPL candidate", f"{ppl.candidate:.4f}"),
+        ("ln(PPL_cand/PPL_base)", f"{ppl.ln_ratio:+.5f} ± {ppl.ln_ratio_stderr:.5f}"),
     ]
-    rows += [(f"KLD {k}", f"{v:.6f}") for k, v in report["kld"].items()]
-    rows.append(("same top token", f"{report['top1_agreement'] * 100:.2f} %"))
-    if "ece" in report:
-        rows.append(("ECE baseline / candidate", f"{report['ece']['baseline']:.4f} / {report['ece']['candidate']:.4f}"))
-    rows += [(f"Δp {k}", f"{v * 100:+.3f} %") for k, v in report["delta_p"].items()]
+    rows += [(f"KLD {k}", f"{v:.6f}") for k, v in asdict(report.kld).items()]
+    rows.append(("same top token", f"{report.top1_agreement * 100:.2f} %"))
+    rows.append(("ECE baseline / candidate", f"{report.ece.baseline:.4f} / {report.ece.candidate:.4f}"))
+    rows += [(f"Δp {k}", f"{v * 100:+.3f} %") for k, v in asdict(report.delta_p).items()]
     for label, value in rows:
         table.add_row(label, value)
     return table

@@ -10,97 +10,44 @@ bandwidth, and (with --price-per-hour) cost per million output tokens.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
 
-from .metrics import load_metrics, parse_slo
+from ..specs import BenchSpec
+from .metrics import load_metrics
+from .results import BenchModel, BenchReport, LoadStats, SingleStreamStats
 
-KV_KINDS = ("float32", "bfloat16", "int8", "fp8")
-
-
-@dataclass(frozen=True)
-class BenchSpec:
-    model: str
-    concurrency: int | None = None  # closed loop: requests in flight
-    request_rate: float | None = None  # open loop: Poisson arrivals per second (inf: all at once)
-    num_prompts: int = 16  # load modes: requests sent
-    input_len: int = 128  # prompt tokens (mean when range_ratio > 0)
-    output_len: int = 128  # generated tokens per request (mean when range_ratio > 0)
-    range_ratio: float = 0.0  # load modes: lengths uniform in len x [1 - r, 1 + r]
-    kv: str = "float32"
-    max_batch: int = 16
-    repeats: int = 3  # single stream: timed repeats, median reported
-    warmup: int = 1  # untimed runs first (single stream); load modes send one short warm-up request
-    slo: str = ""  # goodput SLOs: "ttft=0.5,tpot=50ms,e2e=10s"
-    seed: int = 0
-    price_per_hour: float | None = None
-    measure_bandwidth: bool = True  # machine read bandwidth, in a subprocess (keeps its buffer out of peak RSS)
-    corpus: str = "news"
-
-    def __post_init__(self) -> None:
-        if not str(self.model).strip():
-            raise ValueError("model is empty: give a built-in name, an HF folder or a quantship artifact")
-        if self.concurrency is not None and self.request_rate is not None:
-            raise ValueError("give --concurrency (closed loop) or --request-rate (open loop), not both")
-        if self.concurrency is not None and self.concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
-        if self.request_rate is not None and not (self.request_rate > 0):
-            raise ValueError(f"request rate must be > 0 requests/s (inf sends all at once), got {self.request_rate}")
-        for name, low in (("num_prompts", 1), ("input_len", 1), ("output_len", 2), ("max_batch", 1), ("repeats", 1),
-                          ("warmup", 0)):
-            if getattr(self, name) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        if not 0 <= self.range_ratio < 1:
-            raise ValueError(f"range_ratio must be in [0, 1), got {self.range_ratio}")
-        if self.range_ratio and self.mode == "single":
-            raise ValueError("range_ratio applies to load modes; add --concurrency or --request-rate")
-        if self.kv not in KV_KINDS:
-            raise ValueError(f"unknown KV cache {self.kv!r}; valid: {', '.join(KV_KINDS)}")
-        if self.price_per_hour is not None and self.price_per_hour < 0:
-            raise ValueError(f"price per hour must be >= 0, got {self.price_per_hour}")
-        self.slos  # raises on a malformed --slo
-
-    @property
-    def mode(self) -> str:
-        if self.concurrency is not None:
-            return "concurrency"
-        return "request_rate" if self.request_rate is not None else "single"
-
-    @property
-    def slos(self) -> dict[str, float]:
-        return parse_slo(self.slo)
-
-    @property
-    def max_seq_len(self) -> int:
-        """Longest request the engine must hold (prompt + output, at the top of the length range)."""
-        grow = 1 + self.range_ratio
-        return math.ceil(self.input_len * grow) + math.ceil(self.output_len * grow)
-
-
-def run_bench(spec: BenchSpec, *, progress: bool = True) -> dict:
-    """Measure `spec.model` on the engine; -> a JSON-ready dict (keys in docs/bench.md)."""
+def run_bench(spec: BenchSpec, *, progress: bool = True) -> BenchReport:
+    """Measure `spec.model` on the engine; -> BenchReport (its to_json(): the keys in docs/bench.md)."""
     from .machine import machine_info
     from .plan import cost_per_million_tokens
 
     machine = machine_info(measure=False).to_dict()
     if spec.measure_bandwidth:  # before loading, so the model's threads do not compete with it
         machine["bandwidth_gbs"] = measure_bandwidth_subprocess()
+    machine = json.loads(json.dumps(machine))  # plain JSON values (tuples as lists): exact round trips
     engine, load_s, model_info = load_engine(spec)
     if spec.mode == "single":
         result = _single(engine, spec, load_s, machine["bandwidth_gbs"], progress)
-        throughput = result["decode_tok_s"]
+        stats = {"single": SingleStreamStats.from_json({k: result.pop(k) for k in _names(SingleStreamStats)})}
     else:
         result = _load(engine, spec, load_s, machine["bandwidth_gbs"], progress)
-        throughput = result["output_tok_s"]
-    result["cost_per_million_output_tokens"] = (
-        cost_per_million_tokens(throughput, spec.price_per_hour) if spec.price_per_hour is not None else None)
-    result.update(model=model_info, spec=asdict(spec), machine=machine, versions=_versions(),
-                  kernels=dict(engine.kernels), fused_groups=engine.fused, decode_path=engine.decode_path)
-    return result
+        stats = {"load": LoadStats.from_json({k: result.pop(k) for k in _names(LoadStats)})}
+    throughput = stats["single"].decode_tok_s if spec.mode == "single" else stats["load"].output_tok_s
+    cost = cost_per_million_tokens(throughput, spec.price_per_hour) if spec.price_per_hour is not None else None
+    return BenchReport(**result, cost_per_million_output_tokens=cost, spec=spec, model=BenchModel(**model_info),
+                       machine=machine, versions=_versions(), kernels=dict(engine.kernels), fused_groups=engine.fused,
+                       decode_path=engine.decode_path, **stats)
+
+
+def _names(cls) -> list[str]:
+    from dataclasses import fields
+
+    return [f.name for f in fields(cls)]
 
 
 def load_engine(spec: BenchSpec):
@@ -118,7 +65,10 @@ def load_engine(spec: BenchSpec):
     engine = Engine(model, tokenizer, max_batch=max(spec.max_batch, spec.concurrency or 1),
                     max_seq_len=spec.max_seq_len, kv_cache=spec.kv)
     load_s = time.perf_counter() - t0
-    info = {"path": str(path), "artifact": is_artifact(path), "scheme": None}
+    from ..models.digest import folder_sha256
+
+    sha256, digest = folder_sha256(path)
+    info = {"path": str(path), "artifact": is_artifact(path), "scheme": None, "sha256": sha256, "digest": digest}
     if info["artifact"]:
         from ..artifact import read_manifest
 

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats.grid import QuantizedWeight
-from ..memory import (large_allocations_mapped, peak_rss_bytes, release_clean_pages, release_free_memory,
+from ..memory import (peak_rss_bytes, reclaim_context, reclaim_enabled, release_clean_pages, release_free_memory,
                       release_tensor_memory, rss_bytes)
 from ..models.arch import ArchFacts
 from .block_runner import BlockRunner, StopForward, make_runner
@@ -253,7 +253,6 @@ def input_groups(facts: ArchFacts, block_targets: list[str]) -> tuple[list[tuple
     return groups, prev
 
 
-@large_allocations_mapped()
 def run_layerwise(model: nn.Module, facts: ArchFacts, targets: dict[str, nn.Module], tokens: torch.Tensor,
                   solve: BlockSolver, *, batch_size: int = 4, want_hessian: bool = True, sample_tokens: int = 0,
                   float_stats: bool = True, progress: bool = True, report: dict | None = None,
@@ -265,15 +264,26 @@ def run_layerwise(model: nn.Module, facts: ArchFacts, targets: dict[str, nn.Modu
 
     float_stats: collect every group's statistics in one float forward of the block before
     `solve` (ctx.stats); a method that collects its own (true-sequential GPTQ) turns it off.
-    The targets' float weights are released once their block is done (the caller swaps them
-    for quantized modules; reading them afterwards is an error)."""
+    The targets' float weights are dropped once their block is done (the caller swaps them
+    for quantized modules; reading them afterwards is an error). Inside `memory.reclaiming_memory`
+    their pages of a memory-mapped checkpoint are handed back to the OS as well, and large
+    allocations get their own mappings (process-wide; the CLI's one-shot quantize)."""
+    with reclaim_context():
+        return _run_layerwise(model, facts, targets, tokens, solve, batch_size=batch_size, want_hessian=want_hessian,
+                              sample_tokens=sample_tokens, float_stats=float_stats, progress=progress, report=report,
+                              desc=desc, on_quantized=on_quantized)
+
+
+def _run_layerwise(model, facts, targets, tokens, solve, *, batch_size, want_hessian, sample_tokens, float_stats,
+                   progress, report, desc, on_quantized) -> dict[str, QuantizedWeight]:
     blocks = model.get_submodule(facts.blocks)
     started = time.perf_counter()
     hidden, calls_by_size = capture_block_inputs(model, blocks, tokens, batch_size)
-    in_blocks = {id(p) for p in blocks.parameters()}
-    for p in model.parameters():  # the embedding is read again only when the artifact is written
-        if id(p) not in in_blocks:
-            release_clean_pages(p.detach())
+    if reclaim_enabled():
+        in_blocks = {id(p) for p in blocks.parameters()}
+        for p in model.parameters():  # the embedding is read again only when the artifact is written
+            if id(p) not in in_blocks:
+                release_clean_pages(p.detach())
     release_free_memory()
     per_batch = math.ceil(sample_tokens / len(hidden)) if sample_tokens else 0
     chosen: dict[str, QuantizedWeight] = {}
@@ -335,9 +345,11 @@ def run_layerwise(model: nn.Module, facts: ArchFacts, targets: dict[str, nn.Modu
 
 @torch.no_grad()
 def _release_weight(module: nn.Module) -> None:
-    """Drop a quantized target's float weight (the pipeline swaps the module afterwards); pages of
-    a memory-mapped checkpoint are handed back too, so RSS does not grow to the whole model."""
-    release_tensor_memory(module.weight)
+    """Drop a quantized target's float weight (the pipeline swaps the module afterwards); where the
+    caller reclaims memory, pages of a memory-mapped checkpoint are handed back too, so RSS does not
+    grow to the whole model."""
+    if reclaim_enabled():
+        release_tensor_memory(module.weight)
     module.weight = nn.Parameter(torch.empty(0, 0, dtype=module.weight.dtype), requires_grad=False)
 
 

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,7 +26,10 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = sorted(_CSRC.glob("*.cpp"))
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _STALE_LOCK_S = 600  # a real build takes ~25-60 s on 2 cores
-_state: dict = {}
+# The outcome of building and registering the ops (torch.ops registration lasts for the process):
+# {"ok": bool, "reason": str | None}, filled by the first available() that is not disabled.
+_build_outcome: dict = {}
+_warned: set[str] = set()  # reasons already logged (the fallback is said once per process)
 
 
 def _source_hash() -> str:
@@ -56,35 +60,58 @@ def _build() -> None:
     if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
         log.warning("removing a stale native build lock %s (a build was interrupted)", lock)
         lock.unlink(missing_ok=True)
-    if shutil.which("ninja") is None:  # the `ninja` wheel installs next to this interpreter
-        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    load(name="quantship_native", sources=[str(p) for p in _SOURCES], extra_cflags=_CFLAGS,
-         extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False, verbose=False)
+    with _ninja_on_path():
+        load(name="quantship_native", sources=[str(p) for p in _SOURCES], extra_cflags=_CFLAGS,
+             extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False, verbose=False)
+
+
+@contextmanager
+def _ninja_on_path():
+    """Inside: the interpreter's bin folder (where the `ninja` wheel installs) is on PATH when no
+    ninja is found otherwise; PATH is restored on exit (the build needs it, nothing after does)."""
+    if shutil.which("ninja") is not None:
+        yield
+        return
+    saved = os.environ.get("PATH")
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{saved or ''}"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = saved
+
+
+def _disabled_reason() -> str | None:
+    """QUANTSHIP_NATIVE=0, read on every call: a process may switch the native path off at any time."""
+    return "disabled by QUANTSHIP_NATIVE=0" if os.environ.get("QUANTSHIP_NATIVE", "1") == "0" else None
 
 
 def available() -> bool:
     """Compile (first call per source version) and register the native ops; -> whether they can be used."""
-    if "ok" in _state:
-        return _state["ok"]
-    reason = None
-    if os.environ.get("QUANTSHIP_NATIVE", "1") == "0":
-        reason = "disabled by QUANTSHIP_NATIVE=0"
-    else:
-        reason = _cpu_supported()
-    if reason is None:
-        try:
-            _build()
-        except (RuntimeError, OSError, ImportError) as e:  # no compiler / ninja / headers: fall back
-            reason = f"building the native kernels failed: {e}"
-    if reason is not None:
-        log.warning("quantship native kernels unavailable (%s); using torch's kernels", reason)
-    _state.update(ok=reason is None, reason=reason)
-    return _state["ok"]
+    return unavailable_reason() is None
 
 
 def unavailable_reason() -> str | None:
-    available()
-    return _state["reason"]
+    """Why the native kernels are not used (None when they are)."""
+    disabled = _disabled_reason()
+    if disabled is not None:
+        if disabled not in _warned:
+            _warned.add(disabled)
+            log.warning("quantship native kernels unavailable (%s); using torch's kernels", disabled)
+        return disabled
+    if not _build_outcome:
+        reason = _cpu_supported()
+        if reason is None:
+            try:
+                _build()
+            except (RuntimeError, OSError, ImportError) as e:  # no compiler / ninja / headers: fall back
+                reason = f"building the native kernels failed: {e}"
+        if reason is not None:
+            log.warning("quantship native kernels unavailable (%s); using torch's kernels", reason)
+        _build_outcome.update(ok=reason is None, reason=reason)
+    return _build_outcome["reason"]
 
 
 
