@@ -99,7 +99,8 @@ def run_bench(spec: BenchSpec, *, progress: bool = True) -> dict:
     result["cost_per_million_output_tokens"] = (
         cost_per_million_tokens(throughput, spec.price_per_hour) if spec.price_per_hour is not None else None)
     result.update(model=model_info, spec=asdict(spec), machine=machine, versions=_versions(),
-                  kernels=dict(engine.kernels), fused_groups=engine.fused, decode_path=engine.decode_path)
+                  kernels=dict(engine.kernels), fused_groups=engine.fused, decode_path=engine.decode_path,
+                  decode_note=engine.decode_note)
     return result
 
 
