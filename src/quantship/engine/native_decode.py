@@ -2,10 +2,10 @@
 
 `NativeDecode.build(forward, cache)` describes each layer's norms and projections to the native
 op once (which kernel multiplies each projection, with which tensors) and returns None and the
-reason when something has no native form (a family whose table entry says so, such as gemma3;
-an activation other than SiLU, a projection that only
-the reference path can multiply, an fp8 KV cache, no AVX2 compiler): the engine then keeps the
-Python decode, which computes the same thing with ~70 torch operators per layer.
+reason when something has no native form (a family whose table entry says so, such as gemma3; an
+activation other than SiLU, a projection that only the reference path can multiply, an fp8 KV
+cache, no AVX2 compiler): the engine then keeps the Python decode, which computes the same thing
+with ~70 torch operators per layer.
 """
 
 from __future__ import annotations
