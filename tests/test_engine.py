@@ -154,7 +154,8 @@ def test_a_request_longer_than_the_context_is_refused():
         engine.add_request(list(range(30)), SamplingParams(max_tokens=8))
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)
-    with pytest.raises(ValueError, match="no forward for model_type 'gpt2'.*gemma3_text, llama, mistral, qwen2, qwen3 \\(use"):
+    runs = "gemma3, gemma3_text, llama, mistral, qwen2, qwen3 \\(use"
+    with pytest.raises(ValueError, match=f"no forward for model_type 'gpt2'.*{runs}"):
         Engine(*build_tiny_model("gpt2"))
 
 
@@ -173,10 +174,11 @@ def test_the_engine_runs_exactly_the_table_entries_with_engine_facts(arch):
     block = model.get_submodule(facts.blocks)[0]
     attn, mlp = facts.branches
     # the modules it calls are the ones the quantizer's groups and branches name
-    assert [f.blocks[0].q, f.blocks[0].k, f.blocks[0].v] == [block.get_submodule(n) for n in facts.fed_by(attn.pre_norm)]
-    assert f.blocks[0].down is block.get_submodule(mlp.tail) and f.blocks[0].mlp_norm is block.get_submodule(mlp.pre_norm)
-    assert (f.blocks[0].q_norm is not None) == (facts.qk_norm is not None) == (arch in ("qwen3", "gemma3"))
-    assert (f.blocks[0].mlp_post_norm is not None) == (arch == "gemma3")
+    b = f.blocks[0]
+    assert [b.q, b.k, b.v] == [block.get_submodule(n) for n in facts.fed_by(attn.pre_norm)]
+    assert b.down is block.get_submodule(mlp.tail) and b.mlp_norm is block.get_submodule(mlp.pre_norm)
+    assert (b.q_norm is not None) == (facts.qk_norm is not None) == (arch in ("qwen3", "gemma3"))
+    assert (b.mlp_post_norm is not None) == (arch == "gemma3")
 
 
 def test_sampling_is_seeded_and_respects_top_k():

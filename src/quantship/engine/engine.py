@@ -81,7 +81,7 @@ class Engine:
         from ..formats.linear import QuantLinear
         from ..formats.scheme import parse_scheme
 
-        head = self.model.lm_head
+        head = self.model.get_submodule(engine_facts(self.model.config.model_type)[1].head)
         if isinstance(head, QuantLinear):
             return head
         # Per-channel scales make rows independent: quantizing in row blocks gives the same codes

@@ -106,7 +106,7 @@ class DecoderForward:
         self.scaling = self.layers[0].get_submodule(self.facts.branches[0].body).scaling
         self.eps = _norm_eps(self.blocks[0].attn_norm)
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
-        self.head = head if head is not None else model.lm_head
+        self.head = head if head is not None else model.get_submodule(ef.head)
         self.qkv: list = [None] * len(self.layers)  # fused (q, k, v) projections, set by fuse()
         self.gate_up: list = [None] * len(self.layers)
         self.native = None  # a NativeDecode (engine/native_decode.py) replacing decode's layer loop

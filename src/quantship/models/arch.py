@@ -47,15 +47,16 @@ class EngineFacts:
     """How engine/forward.py runs a family whose entry has branches (attention, then MLP), an
     attention fed by three linears (q, k, v) and a gated MLP fed by two (gate, up).
 
-    Paths of `embed`, `rotary` and `final_norm` are relative to the model; the embedding module
-    applies any scaling itself (Gemma's multiplies by sqrt(hidden_size)). Per-family math that is
-    not a module comes from the config: `config.layer_types` + `config.sliding_window` (windowed
-    layers), `final_logit_softcapping`. transformers' Gemma 3 attention does not read
+    Paths of `embed`, `rotary`, `final_norm` and `head` are relative to the model; the embedding
+    module applies any scaling itself (Gemma's multiplies by sqrt(hidden_size)). Per-family math
+    that is not a module comes from the config: `config.layer_types` + `config.sliding_window`
+    (windowed layers), `final_logit_softcapping`. transformers' Gemma 3 attention does not read
     `attn_logit_softcapping` (Gemma 2's did); the engine follows it."""
 
     embed: str = "model.embed_tokens"
     rotary: str = "model.rotary_emb"
     final_norm: str = "model.norm"
+    head: str = "lm_head"
     rope_per_layer_type: bool = False  # Gemma 3: rotary(x, positions, layer_type), one rope base per type
     layer_windows: bool = False  # config.layer_types marks "sliding_attention" layers (window masks)
     # None: the native decode op (native/csrc/decode_layer.cpp) computes this family; else why it cannot
