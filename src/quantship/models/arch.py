@@ -124,9 +124,7 @@ def _conv1d_type() -> type:
 def is_transposed(module) -> bool:
     """True when `module` stores its weight (in, out): transformers' Conv1D, the linear type of the
     entries with conv1d=True. The one place that tells the two weight layouts apart."""
-    from torch import nn
-
-    return not isinstance(module, nn.Linear) and isinstance(module, _conv1d_type())
+    return isinstance(module, _conv1d_type())
 
 
 def _attention_and_mlp(attn_norm: str, mlp_norm: str, attn: str = "self_attn", o_proj: str = "o_proj",
