@@ -254,7 +254,7 @@ def test_eval_warns_when_candidate_was_calibrated_on_the_eval_text(tiny_models, 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt"])
 def test_fold_input_scale_keeps_the_float_function(arch):
     from quantship.methods.fold import fold_input_scale
-    from quantship.models.arch import arch_facts
+    from quantship.models.arch import arch_facts, is_transposed
 
     model, _ = build_tiny_model(arch)
     ids = torch.randint(2, 200, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -268,7 +268,7 @@ def test_fold_input_scale_keeps_the_float_function(arch):
 
             n = out_features(block.get_submodule(group.prev)) if group.prev_kind == "linear" else \
                 block.get_submodule(group.prev).weight.shape[0]
-            if any(block.get_submodule(lin).weight.shape[-1 if type(block.get_submodule(lin)).__name__ != "Conv1D" else 0] != n
+            if any(block.get_submodule(lin).weight.shape[0 if is_transposed(block.get_submodule(lin)) else -1] != n
                    for lin in group.linears):
                 continue  # GQA v_proj -> o_proj: not foldable
             fold_input_scale(block, group, facts, torch.rand(n, generator=g) * 3 + 0.2)

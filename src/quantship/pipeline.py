@@ -16,7 +16,7 @@ from .formats.linear import QuantLinear
 from .formats.scheme import Scheme
 from .memory import HeapTrimmer, reclaiming_memory
 from .methods.registry import get_method
-from .models.arch import ArchFacts, arch_facts
+from .models.arch import ArchFacts, arch_facts, is_transposed
 from .specs import QuantSpec
 
 
@@ -33,15 +33,9 @@ class QuantResult:
     extra: dict = field(default_factory=dict)  # method reports (e.g. per-block peak RSS)
 
 
-def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The (out, in) weight of a Linear or a transformers Conv1D (stored transposed)."""
-    if isinstance(module, nn.Linear):
-        return module.weight.detach()
-    return module.weight.detach().t()
+    return module.weight.detach().t() if is_transposed(module) else module.weight.detach()
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -53,10 +47,11 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def find_targets(model: nn.Module, facts: ArchFacts, spec: QuantSpec) -> dict[str, nn.Module]:
     """Linear layers of the decoder blocks (plus lm_head with quantize_head), minus --ignore matches."""
     blocks = model.get_submodule(facts.blocks)
+    linear_types = facts.linear_types()
     targets: dict[str, nn.Module] = {}
     for i, block in enumerate(blocks):
         for rel, module in block.named_modules():
-            if rel and is_linear_like(module):
+            if rel and isinstance(module, linear_types):
                 targets[f"{facts.blocks}.{i}.{rel}"] = module
     if spec.quantize_head:
         head = model.get_output_embeddings()

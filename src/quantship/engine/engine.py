@@ -16,7 +16,8 @@ from typing import Iterator
 
 import torch
 
-from .forward import LlamaForward
+from ..models.arch import engine_facts
+from .forward import DecoderForward
 from .kv_cache import KVCache
 from .native_decode import NativeDecode
 from .params import SamplingParams, TokenEvent
@@ -45,18 +46,21 @@ class Engine:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         cfg = model.config
         limit = getattr(cfg, "max_position_embeddings", None) or 2048
-        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        windows = engine_facts(cfg.model_type)[1].layer_windows  # sliding-window layers are masked
+        if not windows and getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
             limit = min(limit, cfg.sliding_window)  # no sliding-window attention here: stay inside one window
         self.max_seq_len = min(max_seq_len or 2048, limit)
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
         self.fast = fast
-        self.forward = LlamaForward(model, head=self._fast_head() if fast else None)
+        self.forward = DecoderForward(model, head=self._fast_head() if fast else None)
         self.fused = self.forward.fuse() if fast else 0
         self.kernels = self._prepare_fast() if fast else {}
         f = self.forward
         self.cache = KVCache(len(f.layers), max_batch, f.n_kv, self.max_seq_len, f.head_dim, kv_cache)
+        # why decode runs the Python layer loop (None: it runs natively, or fast=False asked for the reference)
+        self.decode_note: str | None = None
         if fast:
-            f.native = NativeDecode.build(f, self.cache)
+            f.native, self.decode_note = NativeDecode.build(f, self.cache)
         self.decode_path = "native" if f.native is not None else "python"
         self.eos_ids = self._eos_ids()
         self.waiting: deque[_Request] = deque()
@@ -77,7 +81,7 @@ class Engine:
         from ..formats.linear import QuantLinear
         from ..formats.scheme import parse_scheme
 
-        head = self.model.lm_head
+        head = self.model.get_submodule(engine_facts(self.model.config.model_type)[1].head)
         if isinstance(head, QuantLinear):
             return head
         # Per-channel scales make rows independent: quantizing in row blocks gives the same codes
@@ -107,7 +111,7 @@ class Engine:
         """Bytes of weights read per decoded token: every decoder layer (with the fused q/k/v and gate/up
         projections and the kernels' repacked copies), the final norm and the head; embeddings: one row."""
         f = self.forward
-        modules = [*f.layers, *(m for m in f.qkv + f.gate_up if m is not None), f.inner.norm, f.head]
+        modules = [*f.layers, *(m for m in f.qkv + f.gate_up if m is not None), f.final_norm, f.head]
         return sum(t.numel() * t.element_size() for t in _tensors(modules))
 
     # ----- requests ---------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..formats.grid import QuantizedWeight
 from ..memory import (peak_rss_bytes, reclaim_context, reclaim_enabled, release_clean_pages, release_free_memory,
                       release_tensor_memory, rss_bytes)
-from ..models.arch import ArchFacts
+from ..models.arch import ArchFacts, is_transposed
 from .block_runner import BlockRunner, StopForward, make_runner
 
 log = logging.getLogger(__name__)
@@ -354,14 +354,14 @@ def _release_weight(module: nn.Module) -> None:
 
 
 def _in_features(module: nn.Module) -> int:
-    return module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.weight.shape[1]
+    return module.weight.shape[0] if is_transposed(module) else module.weight.shape[1]
 
 
 @torch.no_grad()
 def _load_dequantized(module: nn.Module, qw: QuantizedWeight) -> None:
     """Put the quantized values into the float module so the block's re-run sees them."""
     w = qw.dequantize()
-    if type(module).__name__ == "Conv1D":
+    if is_transposed(module):
         w = w.t()
     module.weight.copy_(w.to(module.weight.dtype))
 
