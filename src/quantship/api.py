@@ -13,20 +13,25 @@ from .specs import EvalSpec, QuantSpec
 
 
 def quantize(model: str | Path, scheme: str, *, method: str = "rtn", out: str | Path | None = None,
-             overwrite: bool = False, method_params: dict[str, Any] | None = None, ignore: tuple[str, ...] = (),
+             overwrite: bool = False, method_params: dict[str, Any] | None = None,
+             overrides: dict[str, str] | list | tuple = (), ignore: tuple[str, ...] = (),
              quantize_head: bool = False, seed: int = 0, calib: str | None = None, calib_samples: int = 128,
              calib_seqlen: int = 512, progress: bool = True, log=print):
     """Quantize a built-in or local HF model. Writes an artifact when `out` is given (returns its path),
-    else returns the in-memory QuantResult."""
-    from .pipeline import quantize_model
+    else returns the in-memory QuantResult.
+
+    overrides: per-layer schemes, in order, the last match winning: {regex: scheme} (e.g.
+    {"down_proj": "w8"}), (regex, scheme) pairs, or "regex=scheme" strings as the CLI's --override."""
+    from .pipeline import plan_schemes, quantize_model
 
     spec = QuantSpec(scheme=scheme, method=method, method_params=tuple((method_params or {}).items()),
-                     ignore=tuple(ignore), quantize_head=quantize_head, seed=seed, calib=calib,
+                     overrides=_overrides(overrides), ignore=tuple(ignore), quantize_head=quantize_head, seed=seed, calib=calib,
                      calib_samples=calib_samples, calib_seqlen=calib_seqlen)
     source = resolve_model(model, log=log)
     if out is not None and Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --force) to replace it")
     model_obj, tokenizer = load_model(source, dtype=torch.float32, log=log)
+    plan_schemes(model_obj, spec)  # overrides, group sizes, method x scheme: before calibration data is built
     calib_set = _calibration(spec, model_obj, tokenizer)
     result = quantize_model(model_obj, tokenizer, spec, source=source, progress=progress, calib=calib_set)
     if calib_set is not None:
@@ -34,6 +39,19 @@ def quantize(model: str | Path, scheme: str, *, method: str = "rtn", out: str | 
     if out is None:
         return result
     return write_artifact(result, out, overwrite=overwrite)
+
+
+def _overrides(overrides) -> tuple[tuple[str, str], ...]:
+    from .specs import parse_overrides
+
+    if isinstance(overrides, dict):
+        return tuple((str(k), str(v)) for k, v in overrides.items())
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    strings = [o for o in overrides if isinstance(o, str)]
+    if strings and len(strings) != len(overrides):
+        raise ValueError("overrides: give either 'regex=scheme' strings or (regex, scheme) pairs, not both")
+    return parse_overrides(strings) if strings else tuple(tuple(o) for o in overrides)
 
 
 def _calibration(spec: QuantSpec, model, tokenizer):
