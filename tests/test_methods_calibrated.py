@@ -404,20 +404,21 @@ def test_awq_gptq_true_sequential_collects_the_folded_hessian(monkeypatch):
     # Hessian collected from the folded block must equal the float one rescaled, H / (s s^T).
     # Later groups see the quantized earlier groups, so theirs differ.
     from quantship.methods import awq as awq_module
-    from quantship.methods.awq import AWQGPTQParams
+    from quantship.methods.awq import AWQParams
+    from quantship.methods.gptq import GPTQParams
     from quantship.models.arch import arch_facts
-    from quantship.pipeline import find_targets
+    from quantship.pipeline import assign_schemes, find_targets
 
     tokens = torch.randint(2, 250, (6, 32), generator=torch.Generator().manual_seed(0))
     recorded = {}
     for sequential in (True, False):
         model, _ = build_tiny_model("llama")
         facts = arch_facts(model.config.model_type)
-        targets = find_targets(model, facts, QuantSpec(scheme="w3g32", method="awq+gptq"))
+        spec = QuantSpec(scheme="w3g32", method="awq+gptq")
+        targets = find_targets(model, facts, spec)
         calls = _record_gptq_calls(monkeypatch, awq_module)
-        run = awq_module._runner(use_gptq=True)
-        run(model, targets, parse_scheme("w3g32"), AWQGPTQParams(true_sequential=sequential), tokens,
-            progress=False)
+        params = AWQParams(quantizer="gptq", quantizer_params=GPTQParams(true_sequential=sequential))
+        awq_module.run_awq(model, targets, assign_schemes(targets, spec), params, tokens, progress=False)
         recorded[sequential] = {group: h for group, h, _ in _block0_calls(calls, facts)}
         monkeypatch.undo()
     first, *later = FORWARD_ORDER["llama"]

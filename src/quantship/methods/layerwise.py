@@ -383,7 +383,8 @@ def run_layerwise_with_leftovers(model: nn.Module, targets: dict[str, nn.Module]
     facts = arch_facts(model.config.model_type)
     tokens = calib.tokens if hasattr(calib, "tokens") else torch.as_tensor(calib)
     in_blocks = {n: m for n, m in targets.items() if n.startswith(facts.blocks + ".")}
-    chosen = run_layerwise(model, facts, in_blocks, tokens, solve, schemes, batch_size=batch_size, want_hessian=want_hessian,
+    chosen = run_layerwise(model, facts, in_blocks, tokens, solve, schemes, batch_size=batch_size,
+                           want_hessian=want_hessian,
                            sample_tokens=sample_tokens, float_stats=float_stats, progress=progress, report=report,
                            desc=desc, on_quantized=on_quantized)
     outside = [n for n in targets if n not in in_blocks]
