@@ -83,9 +83,10 @@ def assign_schemes(targets: dict[str, nn.Module], spec: QuantSpec) -> dict[str, 
         schemes[name] = parse_scheme(chosen)
     for (pattern, scheme), hit in zip(spec.overrides, matched):
         if not hit:
-            examples = ", ".join(list(targets)[:4])
+            kinds = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in targets}))
             raise ValueError(f"--override {pattern}={scheme} matches no layer to quantize (the regex is searched in "
-                             f"each layer's full name, e.g. {examples}; --ignore'd layers are not targets)")
+                             f"each layer's full name, e.g. {next(iter(targets))}; the layers here end in {kinds}; "
+                             f"--ignore'd layers are not targets)")
     return schemes
 
 
