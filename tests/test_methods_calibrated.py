@@ -131,7 +131,9 @@ def test_calibrated_methods_end_to_end(tiny_models, tmp_path, arch, method):
     src = tiny_models[arch]
     out = quantship.quantize(src, "w4g32", method=method, out=tmp_path / "q", calib_samples=8, calib_seqlen=32, **QUIET)
     manifest = quantship.verify(out)  # raises on any problem
-    assert manifest["method"]["name"] == method
+    # awq+gptq is recorded as what it stands for: awq with quantizer gptq
+    assert manifest["method"]["name"] == method.split("+")[0]
+    assert manifest["method"]["params"].get("quantizer") == {"awq": "rtn", "awq+gptq": "gptq"}.get(method)
     calib = manifest["calibration"]
     assert calib["samples"] == 8 and calib["seqlen"] == 32 and len(calib["sha256"]) == 64
     model, tok = quantship.load(out)
@@ -304,10 +306,12 @@ FORWARD_ORDER = {  # block 0's input groups in the order its forward reaches the
 @pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
 def test_true_sequential_gives_a_valid_artifact_on_every_architecture_table(tiny_models, tmp_path, arch, method):
     src = tiny_models[arch]
-    out = quantship.quantize(src, "w4g32", method=method, method_params={"true_sequential": True}, out=tmp_path / "q",
+    key = "true_sequential" if method == "gptq" else "gptq.true_sequential"  # awq+gptq: GPTQ's own parameter
+    out = quantship.quantize(src, "w4g32", method=method, method_params={key: True}, out=tmp_path / "q",
                              calib_samples=8, calib_seqlen=32, **QUIET)
     manifest = quantship.verify(out)
-    assert manifest["method"]["params"]["true_sequential"] is True
+    params = manifest["method"]["params"]
+    assert (params if method == "gptq" else params["quantizer_params"])["true_sequential"] is True
     blocks = manifest["method_report"]["layerwise"]["blocks"]
     assert all(b["sequential_stats_s"] > 0 for b in blocks)
     # every table with residual branches runs them branch by branch (OPT's MLP is no submodule)
@@ -358,8 +362,8 @@ def _gptq_block0(monkeypatch, arch: str, *, true_sequential: bool):
     tokens = torch.randint(2, 250, (6, 32), generator=torch.Generator().manual_seed(0))
     targets = find_targets(model, facts, QuantSpec(scheme="w3g32", method="gptq"))
     calls = _record_gptq_calls(monkeypatch, gptq_module)
-    gptq_module.run_gptq(model, targets, parse_scheme("w3g32"), GPTQParams(true_sequential=true_sequential), tokens,
-                         progress=False)
+    gptq_module.run_gptq(model, targets, dict.fromkeys(targets, parse_scheme("w3g32")),
+                         GPTQParams(true_sequential=true_sequential), tokens, progress=False)
     return _block0_calls(calls, facts), facts, tokens
 
 

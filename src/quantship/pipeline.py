@@ -73,21 +73,13 @@ def find_targets(model: nn.Module, facts: ArchFacts, spec: QuantSpec) -> dict[st
 def assign_schemes(targets: dict[str, nn.Module], spec: QuantSpec) -> dict[str, Scheme]:
     """Each target's scheme: the last override whose regex is found in its full name, else the
     default. An override that matches no target is an error naming it."""
-    matched = [False] * len(spec.overrides)
-    schemes: dict[str, Scheme] = {}
-    for name in targets:
-        chosen = spec.scheme
-        for k, (pattern, scheme) in enumerate(spec.overrides):
-            if re.search(pattern, name):
-                chosen, matched[k] = scheme, True
-        schemes[name] = parse_scheme(chosen)
-    for (pattern, scheme), hit in zip(spec.overrides, matched):
-        if not hit:
+    for pattern, scheme in spec.overrides:
+        if not any(re.search(pattern, name) for name in targets):
             kinds = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in targets}))
             raise ValueError(f"--override {pattern}={scheme} matches no layer to quantize (the regex is searched in "
                              f"each layer's full name, e.g. {next(iter(targets))}; the layers here end in {kinds}; "
                              f"--ignore'd layers are not targets)")
-    return schemes
+    return {name: spec.scheme_for(name) for name in targets}
 
 
 def override_of(spec: QuantSpec, name: str) -> str | None:
