@@ -134,7 +134,8 @@ def _manifest(result, files: dict[str, str], write_s: float) -> dict:
         "schema_version": SCHEMA_VERSION,
         "quantship_version": _version(),
         "source": _source_info(result.source),
-        "scheme": result.spec.scheme,
+        "scheme": result.spec.scheme,  # the default; each module's own is in "modules"
+        "overrides": [[pattern, scheme] for pattern, scheme in result.spec.overrides],  # (regex, scheme), last wins
         "method": {"name": result.spec.method, "params": result.method_params},
         "targets": {"ignore": list(result.spec.ignore), "quantize_head": result.spec.quantize_head},
         "seed": result.spec.seed,
