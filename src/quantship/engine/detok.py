@@ -13,7 +13,10 @@ vLLM's `detokenize_incrementally`, two offsets into the output move forward:
 
 Each token costs two decodes of a few tokens, whatever the output's length. `flush()` emits what is
 held back (a stream that ends inside a character), so the concatenation of everything emitted equals
-`tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)`.
+`tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)`: always for
+byte-level BPE (GPT-2, SmolLM2, Qwen); for byte-fallback tokenizers (Llama-style SentencePiece) when the
+output ends on a whole character (their decoder turns a cut run of byte tokens into one U+FFFD per
+byte, characters of the run that were complete, and already streamed, included).
 """
 
 from __future__ import annotations
