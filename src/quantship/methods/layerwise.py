@@ -256,8 +256,8 @@ def input_groups(facts: ArchFacts, block_targets: list[str]) -> tuple[list[tuple
 
 
 def run_layerwise(model: nn.Module, facts: ArchFacts, targets: dict[str, nn.Module], tokens: torch.Tensor,
-                  solve: BlockSolver, schemes: dict[str, Scheme], *, batch_size: int = 4, want_hessian: bool = True, sample_tokens: int = 0,
-                  float_stats: bool = True, progress: bool = True, report: dict | None = None,
+                  solve: BlockSolver, schemes: dict[str, Scheme], *, batch_size: int = 4, want_hessian: bool = True,
+                  sample_tokens: int = 0, float_stats: bool = True, progress: bool = True, report: dict | None = None,
                   desc: str = "quantize", on_quantized: Callable[[str, QuantizedWeight], None] | None = None
                   ) -> dict[str, QuantizedWeight]:
     """Run `solve` block by block on calibration `tokens` (n, seqlen), each target with its scheme
@@ -272,12 +272,12 @@ def run_layerwise(model: nn.Module, facts: ArchFacts, targets: dict[str, nn.Modu
     their pages of a memory-mapped checkpoint are handed back to the OS as well, and large
     allocations get their own mappings (process-wide; the CLI's one-shot quantize)."""
     with reclaim_context():
-        return _run_layerwise(model, facts, targets, tokens, solve, batch_size=batch_size, want_hessian=want_hessian,
+        return _run_layerwise(model, facts, targets, tokens, solve, schemes, batch_size=batch_size, want_hessian=want_hessian,
                               sample_tokens=sample_tokens, float_stats=float_stats, progress=progress, report=report,
                               desc=desc, on_quantized=on_quantized)
 
 
-def _run_layerwise(model, facts, targets, tokens, solve, *, batch_size, want_hessian, sample_tokens, float_stats,
+def _run_layerwise(model, facts, targets, tokens, solve, schemes, *, batch_size, want_hessian, sample_tokens, float_stats,
                    progress, report, desc, on_quantized) -> dict[str, QuantizedWeight]:
     blocks = model.get_submodule(facts.blocks)
     started = time.perf_counter()
