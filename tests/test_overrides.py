@@ -118,7 +118,7 @@ def test_every_method_quantizes_each_layer_on_its_own_scheme(tiny_models, tmp_pa
     assert {n: m.scheme.name for n, m in layers.items()} == got
     for name, info in manifest["modules"].items():  # bpw recorded from the layer's own scheme
         assert info["bits_per_weight"] == round(parse_scheme(info["scheme"]).bits_per_weight(*info["shape"]), 4)
-    assert quantship.evaluate(tiny_models["llama"], out, ctx=64, max_windows=2, **QUIET)["kld"]["mean"] < 0.5
+    assert quantship.evaluate(tiny_models["llama"], out, ctx=64, max_windows=2, **QUIET).kld.mean < 0.5
 
 
 def test_smoothquant_with_weight_only_overrides_and_either_quantizer(tiny_models):
