@@ -178,7 +178,7 @@ def rung_key(baseline_sha: str, rung: Rung, budget: Budget) -> str:
     from .. import __version__
 
     eval_spec = asdict(budget.eval_spec())
-    bench_spec = asdict(budget.bench_spec("")) if budget.needs_bench else None
+    bench_spec = asdict(budget.bench_spec("-")) if budget.needs_bench else None
     return _key({"source": baseline_sha, "quant": rung.to_json()["spec"], "eval": eval_spec, "bench": bench_spec,
                  "quantship": __version__})
 
@@ -259,7 +259,7 @@ def run_rung(recipe: Recipe, rung: Rung, folder: Path, key: str, base: dict, run
         steps["quantize"] = "ran"
     else:
         steps["quantize"] = "reused"
-    bench_spec_key = _key({"baseline": base["sha256"], "bench": asdict(recipe.budget.bench_spec(""))})[:12]
+    bench_spec_key = _key({"baseline": base["sha256"], "bench": asdict(recipe.budget.bench_spec("-"))})[:12]
     base_bench = run_dir / "baseline" / f"bench-{bench_spec_key}.json"
     eval_file, bench_file = folder / "eval.json", folder / "bench.json"
 

@@ -51,11 +51,13 @@ def charts(run: dict) -> list[tuple[str, str]]:
     out = []
     pts = [{"label": r["name"], "x": r["bits_per_weight"], "y": _kld(r), "chosen": r["name"] == chosen,
             "passed": r["passed"]} for r in rungs]
+    limit = run["decision"]["budget"].get("kld_mean")
     out.append(("Pareto front: bits per weight vs KLD",
-                pareto_chart(pts, "bits per weight (quantized layers) vs mean KLD", "bits per weight", "KLD mean")))
+                pareto_chart(pts, "bits per weight (quantized layers) vs mean KLD", "bits per weight", "KLD mean",
+                             limit=limit)))
     pts_mem = [{**p, "x": r["model_bytes"] / 2**20} for p, r in zip(pts, rungs)]
     out.append(("Pareto front: model size vs KLD",
-                pareto_chart(pts_mem, "model size vs mean KLD", "model bytes (MiB)", "KLD mean")))
+                pareto_chart(pts_mem, "model size vs mean KLD", "model bytes (MiB)", "KLD mean", limit=limit)))
     rows = []
     for r in rungs:
         tasks = (r["eval"] or {}).get("tasks") or {}

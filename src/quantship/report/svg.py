@@ -70,14 +70,19 @@ def _svg(parts: list[str], width=W, height=H, label="") -> str:
             + "</svg>")
 
 
-def pareto_chart(points: list[dict], title: str, xlabel: str, ylabel: str) -> str:
-    """points: {label, x, y, chosen: bool, passed: bool}; the lower-left front is drawn as a line."""
+def pareto_chart(points: list[dict], title: str, xlabel: str, ylabel: str, *, limit: float | None = None) -> str:
+    """points: {label, x, y, chosen: bool, passed: bool}; the lower-left front is drawn as a line,
+    an optional y limit (the budget's) as a dashed red line."""
     pts = [p for p in points if p["x"] is not None and p["y"] is not None]
     if not pts:
         return ""
     xs, ys = [p["x"] for p in pts], [p["y"] for p in pts]
-    f = Frame(min(xs), max(xs), min(0.0, min(ys)), max(ys))
+    f = Frame(min(xs), max(xs), min(0.0, min(ys)), max(ys + ([limit] if limit is not None else [])))
     out = f.axes(title, xlabel, ylabel)
+    if limit is not None:
+        out.append(f'<line x1="{PAD_L}" y1="{f.y(limit):.1f}" x2="{W - PAD_R}" y2="{f.y(limit):.1f}" stroke="#d62728" '
+                   f'stroke-dasharray="6 3"/><text x="{PAD_L + 4}" y="{f.y(limit) - 4:.1f}" fill="#d62728">budget '
+                   f'{_fmt(limit)}</text>')
     front, best = [], math.inf
     for p in sorted(pts, key=lambda p: (p["x"], p["y"])):
         if p["y"] < best:
@@ -93,8 +98,9 @@ def pareto_chart(points: list[dict], title: str, xlabel: str, ylabel: str) -> st
                    f'{_fmt(p["x"])}, {_fmt(p["y"])}</title></circle>')
         if p.get("chosen"):
             out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="10" fill="none" stroke="#000" stroke-width="2"/>')
-        out.append(f'<text x="{x + 8:.1f}" y="{y - 8:.1f}">{escape(p["label"])}{" (chosen)" if p.get("chosen") else ""}'
-                   f'</text>')
+        right = x > W - 200  # labels of points near the right edge go to their left
+        out.append(f'<text x="{x - 12 if right else x + 8:.1f}" y="{y - 8:.1f}" text-anchor="{"end" if right else "start"}">'
+                   f'{escape(p["label"])}{" (chosen)" if p.get("chosen") else ""}</text>')
     out.append(f'<text x="{W - PAD_R}" y="{PAD_T + 10}" text-anchor="end" fill="#555">green: passed the gate, '
                f'red: failed; ring: chosen</text>')
     return _svg(out, label=title)
