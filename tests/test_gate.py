@@ -314,3 +314,46 @@ def test_gate_end_to_end_on_a_tiny_model(tiny_models, tmp_path, capsys):
     assert g["ran"] == [] and g["reused"] == {"scores": str(art)}
     # other windows than the gate's: refused
     assert cli(["gate", m, str(art), "--budget", str(loose), "--eval-json", str(e), "--max-windows", "2"]) == 2
+
+
+def test_gate_benchmarks_both_models_in_their_own_processes_and_reuses_its_bench_json(tiny_models, tmp_path):
+    import quantship
+
+    m = str(tiny_models["llama"])
+    art = quantship.quantize(m, "w4g32", out=tmp_path / "q", progress=False, log=lambda *a, **k: None)
+    budget = tmp_path / "b.yaml"
+    budget.write_text("memory_reduction_pct: {weight_bytes: 20}\ndecode_speedup: 0.01\n"
+                      "bench: {input_len: 8, output_len: 4, repeats: 2, warmup: 1}\n")
+    out = tmp_path / "g.json"
+    assert cli(["gate", m, str(art), "--budget", str(budget), "--json", str(out)]) == 0
+    g = json.loads(out.read_text())
+    assert g["ran"] == ["bench"] and g["bench_settings"]["output_len"] == 4
+    terms = {t["name"]: t for t in g["terms"]}
+    assert terms["memory_reduction_pct.weight_bytes"]["measured"] > 20 and terms["decode_speedup"]["measured"] > 0
+    # each model's bench JSON (quantship bench --json) is reused, matched by sha256 whatever the order
+    b_base, b_cand = tmp_path / "base.json", tmp_path / "cand.json"
+    args = ["--input-len", "8", "--output-len", "4", "--repeats", "2", "--no-bandwidth"]
+    assert cli(["bench", str(art), *args, "--json", str(b_cand)]) == 0
+    assert cli(["bench", m, *args, "--json", str(b_base)]) == 0
+    assert cli(["gate", m, str(art), "--budget", str(budget), "--bench-json", str(b_cand), "--bench-json", str(b_base),
+                "--json", str(out)]) == 0
+    g = json.loads(out.read_text())
+    assert g["ran"] == [] and g["reused"]["bench"] == "baseline, candidate"
+
+
+def test_bench_json_with_different_settings_is_refused(tmp_path):
+    from dataclasses import replace as dc_replace
+
+    from quantship.gate.run import GateError, find_bench_reports
+
+    a = _bench([0.1], [0.01], 1, 1, 1.0)
+    b = dc_replace(a, spec=dc_replace(a.spec, output_len=64), model=dc_replace(a.model, sha256="0" * 64))
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a.to_json()))
+    pb.write_text(json.dumps(b.to_json()))
+    with pytest.raises(GateError, match="output_len: 64 vs 128"):
+        find_bench_reports([pa, pb], {"sha256": "0" * 64}, {"sha256": "f" * 64})
+    both = tmp_path / "both.json"  # the gate's own pair file
+    both.write_text(json.dumps({"baseline": dc_replace(a, model=dc_replace(a.model, sha256="0" * 64)).to_json(),
+                                "candidate": a.to_json()}))
+    assert set(find_bench_reports([both], {"sha256": "0" * 64}, {"sha256": "f" * 64})) == {"baseline", "candidate"}

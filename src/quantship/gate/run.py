@@ -138,10 +138,10 @@ def find_bench_reports(paths, baseline: dict, candidate: dict) -> dict:
                                 f"({candidate['sha256'][:12]}…)")
             found[role] = report
     if len(found) == 2:
-        a, b = (replace(found[k].spec, model="") for k in ("baseline", "candidate"))
+        a, b = ({**asdict(found[k].spec), "model": None} for k in ("baseline", "candidate"))
         if a != b:
             raise GateError("--bench-json: the baseline and candidate were benchmarked with different settings "
-                            f"({_diff(asdict(a), asdict(b))}); latency and memory compare only side by side")
+                            f"({_diff(a, b)}); latency and memory compare only side by side")
     return found
 
 
