@@ -121,6 +121,8 @@ def test_no_passing_rung_names_the_closest_miss(tiny_models, tmp_path):
     ("model: m\nbudget: {kld_meen: 0.1}\n", "unknown key 'kld_meen'"),
     ("model: m\nbudget: missing.yaml\n", "does not exist"),
     ("model: m\nbudget: {kld_mean: 0.1}\neval: {windows: 2}\n", "eval: unknown key 'windows'"),
+    ("model: m\nbudget: {kld_mean: 0.1}\nladder: [{scheme: w4g64, overrides: {down_proj: w9}}]\n", "down_proj=w9"),
+    ("model: m\nbudget: {kld_mean: 0.1}\nladder: [{search: {}}]\n", "search rung is not available"),
 ])
 def test_bad_recipes_exit_2(tmp_path, capsys, body, message):
     recipe = tmp_path / "r.yaml"
@@ -136,7 +138,8 @@ def test_default_ladder_and_the_search_rung(tmp_path, monkeypatch):
     recipe.write_text("model: m\nbudget: {kld_mean: 0.1}\ncalibration: {source: news, samples: 8, seqlen: 64}\n")
     monkeypatch.setattr(rel, "search_available", lambda: False)
     r = load_recipe(recipe)
-    assert [(x.spec.scheme, x.spec.method) for x in r.ladder] == [("w8", "rtn"), ("w4g64", "gptq"), ("w4g64", "awq+gptq")]
+    assert [x.name for x in r.ladder] == ["w8 rtn", "w4g64 gptq", "w4g64 awq+gptq"]
+    assert r.ladder[2].spec.method == "awq" and r.ladder[2].spec.params["quantizer"] == "gptq"  # the alias, resolved
     assert r.ladder[0].spec.calib is None and r.ladder[1].spec.calib == "news" and r.ladder[1].spec.calib_samples == 8
     assert "not available" in r.notes[0]
 
@@ -266,3 +269,15 @@ def test_report_renders_in_headless_chromium(tiny_models, tmp_path):
     assert console_errors(log)
     _, _, grey = png_pixels(png)
     assert max(grey) - min(grey) == 0
+
+
+def test_reproduce_carries_per_layer_overrides(tiny_models, tmp_path):
+    import quantship
+    from quantship.gate.reproduce import quant_args, reproduce
+
+    art = quantship.quantize(str(tiny_models["llama"]), "w4g32", overrides={"down_proj": "w8", r"layers\.0\.": "w2g32"},
+                             out=tmp_path / "a", **QUIET)
+    manifest = quantship.verify(art)
+    assert quant_args(manifest)["overrides"] == (("down_proj", "w8"), (r"layers\.0\.", "w2g32"))
+    r = reproduce(art, **QUIET)
+    assert r["identical"] and r["tensors"] > 0 and r["settings"]["overrides"] == [["down_proj", "w8"], [r"layers\.0\.", "w2g32"]]

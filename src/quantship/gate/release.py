@@ -11,7 +11,7 @@ Recipe (YAML; docs/gate.md):
     bench: {output_len: 64}              # over the budget's bench section
     ladder:                              # default: w8 rtn, w4g64 gptq, w4g64 awq+gptq
       - {scheme: w8, method: rtn}
-      - {scheme: w4g64, method: gptq, params: {percdamp: 0.01}, ignore: [lm_head]}
+      - {scheme: w4g64, method: gptq, params: {percdamp: 0.01}, overrides: {down_proj: w8}}
 
 Run folder: RUN_DIR/rungs/NN-SCHEME-METHOD-KEY/{artifact/, eval.json, bench.json, gate.json}, the
 baseline's bench in RUN_DIR/baseline/, and RUN_DIR/decision.json. KEY hashes the rung's inputs (source
@@ -32,7 +32,7 @@ from typing import Any
 from .budget import Budget, BudgetError, load_budget, parse_budget
 
 RECIPE_KEYS = ("model", "budget", "calibration", "eval", "bench", "ladder")
-RUNG_KEYS = ("scheme", "method", "params", "ignore", "quantize_head", "seed", "name", "search")
+RUNG_KEYS = ("scheme", "method", "params", "overrides", "ignore", "quantize_head", "seed", "name", "search")
 CALIB_KEYS = ("source", "samples", "seqlen")
 DEFAULT_LADDER = ({"scheme": "w8", "method": "rtn"}, {"scheme": "w4g64", "method": "gptq"},
                   {"scheme": "w4g64", "method": "awq+gptq"})
@@ -58,6 +58,7 @@ class Rung:
         spec = asdict(self.spec)
         spec["method_params"] = [list(p) for p in self.spec.method_params]
         spec["ignore"] = list(self.spec.ignore)
+        spec["overrides"] = [list(p) for p in self.spec.overrides]
         return {"name": self.name, "spec": spec}
 
 
@@ -80,9 +81,6 @@ def _check_keys(where: str, data: Any, valid: tuple[str, ...]) -> dict:
 
 
 def parse_recipe(data: Any, *, base_dir: Path = Path("."), where: str = "recipe") -> Recipe:
-    from ..methods.registry import get_method
-    from ..specs import QuantSpec
-
     data = _check_keys(where, data if data is not None else {}, RECIPE_KEYS)
     if not data.get("model"):
         raise RecipeError(f"{where}: 'model' is required (a built-in name or a Hugging Face folder)")
@@ -113,35 +111,38 @@ def parse_recipe(data: Any, *, base_dir: Path = Path("."), where: str = "recipe"
             notes.append("mixed-precision search rung: not available in this quantship (no quantship.search)")
     if not isinstance(ladder_data, list) or not ladder_data:
         raise RecipeError(f"{where}: 'ladder' must be a non-empty list of rungs ({{scheme, method, ...}})")
-    rungs = []
-    for i, item in enumerate(ladder_data):
-        at = f"{where}: ladder[{i}]"
-        item = _check_keys(at, item, RUNG_KEYS)
-        if "search" in item:
-            raise RecipeError(f"{at}: the mixed-precision search rung is not available in this quantship "
-                              f"(no quantship.search package)")
-        if "scheme" not in item:
-            raise RecipeError(f"{at}: 'scheme' is required")
-        method = item.get("method", "rtn")
-        try:
-            m = get_method(method)
-            params = item.get("params") or {}
-            if not isinstance(params, dict):
-                raise RecipeError(f"{at}: params must be a mapping")
-            spec = QuantSpec(scheme=str(item["scheme"]), method=method, method_params=tuple(sorted(params.items())),
-                             ignore=tuple(item.get("ignore") or ()), quantize_head=bool(item.get("quantize_head", False)),
-                             seed=int(item.get("seed", 0)),
-                             calib=calib.get("source") if m.needs_calibration else None,
-                             calib_samples=int(calib.get("samples", 128)) if m.needs_calibration else 128,
-                             calib_seqlen=int(calib.get("seqlen", 512)) if m.needs_calibration else 512)
-            m.make_params(spec.params)
-            m.check_scheme(spec.parsed_scheme)
-        except RecipeError:
-            raise
-        except (ValueError, KeyError, TypeError) as e:
-            raise RecipeError(f"{at}: {e}") from e
-        rungs.append(Rung(name=str(item.get("name") or f"{spec.scheme} {method}"), spec=spec))
+    rungs = [_parse_rung(f"{where}: ladder[{i}]", item, calib) for i, item in enumerate(ladder_data)]
     return Recipe(model=str(data["model"]), budget=budget, ladder=tuple(rungs), notes=tuple(notes), source=data)
+
+
+def _parse_rung(at: str, item: Any, calib: dict) -> Rung:
+    """One ladder entry -> Rung; every check that needs no model (method, parameters, scheme,
+    overrides, calibration spec) runs here, before anything is quantized."""
+    from ..api import _check_before_loading, _overrides
+    from ..methods.registry import get_method
+    from ..specs import QuantSpec
+
+    item = _check_keys(at, item, RUNG_KEYS)
+    if "search" in item:
+        raise RecipeError(f"{at}: the mixed-precision search rung is not available in this quantship "
+                          f"(no quantship.search package)")
+    if "scheme" not in item:
+        raise RecipeError(f"{at}: 'scheme' is required")
+    method = str(item.get("method", "rtn"))
+    params = item.get("params") or {}
+    if not isinstance(params, dict):
+        raise RecipeError(f"{at}: params must be a mapping")
+    try:
+        spec = QuantSpec(scheme=str(item["scheme"]), method=method, method_params=tuple(sorted(params.items())),
+                         overrides=_overrides(item.get("overrides") or ()), ignore=tuple(item.get("ignore") or ()),
+                         quantize_head=bool(item.get("quantize_head", False)), seed=int(item.get("seed", 0)))
+        if get_method(spec.method).needs_calibration:
+            spec = replace(spec, calib=calib.get("source"), calib_samples=int(calib.get("samples", 128)),
+                           calib_seqlen=int(calib.get("seqlen", 512)))
+        _check_before_loading(spec)
+    except (ValueError, KeyError, TypeError) as e:
+        raise RecipeError(f"{at}: {e}") from e
+    return Rung(name=str(item.get("name") or f"{item['scheme']} {method}"), spec=spec)
 
 
 def _section_keys(section: str) -> tuple[str, ...]:
@@ -254,7 +255,7 @@ def run_rung(recipe: Recipe, rung: Rung, folder: Path, key: str, base: dict, run
         log(f"[{rung.name}] quantizing {recipe.model} -> {artifact}")
         s = rung.spec
         quantize(recipe.model, s.scheme, method=s.method, out=artifact, overwrite=artifact.exists(),
-                 method_params=s.params, ignore=s.ignore, quantize_head=s.quantize_head, seed=s.seed, calib=s.calib,
+                 method_params=s.params, overrides=s.overrides, ignore=s.ignore, quantize_head=s.quantize_head, seed=s.seed, calib=s.calib,
                  calib_samples=s.calib_samples, calib_seqlen=s.calib_seqlen, progress=progress, log=log)
         steps["quantize"] = "ran"
     else:

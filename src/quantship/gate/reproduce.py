@@ -62,8 +62,8 @@ def quant_args(manifest: dict) -> dict:
     args = {"scheme": manifest["scheme"], "method": manifest["method"]["name"],
             "method_params": dict(manifest["method"].get("params") or {}), "ignore": tuple(targets.get("ignore", ())),
             "quantize_head": bool(targets.get("quantize_head", False)), "seed": int(manifest.get("seed", 0))}
-    if targets.get("overrides"):
-        args["overrides"] = tuple(tuple(o) if isinstance(o, list) else o for o in targets["overrides"])
+    if manifest.get("overrides"):  # per-layer schemes: (regex, scheme) pairs in order, the last match wins
+        args["overrides"] = tuple(tuple(o) for o in manifest["overrides"])
     if calib:
         args.update(calib=None if calib["spec"] == "default" else calib["spec"], calib_samples=int(calib["samples"]),
                     calib_seqlen=int(calib["seqlen"]))
@@ -121,7 +121,9 @@ def reproduce(artifact: str | Path, *, progress: bool = True, log=print) -> dict
         except TypeError as e:
             raise ReproduceError(f"this quantship cannot re-make the artifact's settings: {e}") from e
         again = json.loads((out / "quantship.json").read_text())
-        result = {"artifact": str(artifact), "source": str(source), "settings": {**args, "ignore": list(args["ignore"])},
+        result = {"artifact": str(artifact), "source": str(source),
+                  "settings": {**args, "ignore": list(args["ignore"]),
+                               "overrides": [list(o) for o in args.get("overrides", ())]},
                   "calibration_sha256": {"original": (manifest.get("calibration") or {}).get("sha256"),
                                          "again": (again.get("calibration") or {}).get("sha256")}}
         tensors, differ = compare_tensors(artifact / "model.safetensors", out / "model.safetensors")
