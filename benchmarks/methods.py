@@ -3,7 +3,7 @@ w4 (per-channel), w4g64 and w3g64 -- perplexity, KLD, top-1, quantization time a
 
     .venv/bin/python benchmarks/methods.py [--schemes w4,w4g64,w3g64] [--methods rtn,gptq,...]
         [--calib-samples 128] [--calib-seqlen 512] [--max-windows 40] [--out docs/results] [--resume]
-    w8a8 rows: --schemes w8a8 --methods rtn,smoothquant,smoothquant:weight_only=down_proj
+    w8a8 rows: --schemes w8a8 --methods rtn,smoothquant,smoothquant:override=down_proj=w8
 
 Each quantization runs in its own process (so its peak RSS is its own); evaluation runs here
 against one loaded baseline. Rows are saved after each run (methods.json); --resume skips rows
@@ -29,33 +29,37 @@ QUANTIZE = """
 import json, sys, time
 import quantship
 from quantship.memory import peak_rss_bytes
-model, scheme, method, params, out, n, seqlen = sys.argv[1:8]
+model, scheme, method, params, overrides, out, n, seqlen = sys.argv[1:9]
 t = time.perf_counter()
-quantship.quantize(model, scheme, method=method, method_params=json.loads(params), out=out, overwrite=True,
-                   progress=False, calib_samples=int(n), calib_seqlen=int(seqlen), log=lambda *a, **k: None,
-                   reclaim_memory=True)  # a one-shot process, as the CLI's quantize
+quantship.quantize(model, scheme, method=method, method_params=json.loads(params), overrides=json.loads(overrides),
+                   out=out, overwrite=True, progress=False, calib_samples=int(n), calib_seqlen=int(seqlen),
+                   log=lambda *a, **k: None, reclaim_memory=True)  # a one-shot process, as the CLI's quantize
 print(json.dumps({"wall_s": time.perf_counter() - t,
                   "peak_rss_bytes": peak_rss_bytes()}))
 """
 
 
-def parse_method(spec: str) -> tuple[str, dict]:
-    """'smoothquant:weight_only=down_proj;alpha=0.5' -> ('smoothquant', {...}); values JSON where they parse."""
+def parse_method(spec: str) -> tuple[str, dict, list[str]]:
+    """'smoothquant:override=down_proj=w8;alpha=0.5' -> ('smoothquant', {'alpha': 0.5}, ['down_proj=w8']);
+    values JSON where they parse; `override=REGEX=SCHEME` entries (repeatable) are per-layer schemes."""
     name, _, rest = spec.partition(":")
-    params = {}
+    params, overrides = {}, []
     for item in filter(None, rest.split(";")):
         key, _, value = item.partition("=")
+        if key == "override":
+            overrides.append(value)
+            continue
         try:
             params[key] = json.loads(value)
         except json.JSONDecodeError:
             params[key] = value
-    return name, params
+    return name, params, overrides
 
 
 def quantize_in_subprocess(model: str, scheme: str, method: str, out: Path, samples: int, seqlen: int) -> dict:
-    name, params = parse_method(method)
-    proc = subprocess.run([sys.executable, "-c", QUANTIZE, model, scheme, name, json.dumps(params), str(out),
-                           str(samples), str(seqlen)], capture_output=True, text=True)
+    name, params, overrides = parse_method(method)
+    proc = subprocess.run([sys.executable, "-c", QUANTIZE, model, scheme, name, json.dumps(params),
+                           json.dumps(overrides), str(out), str(samples), str(seqlen)], capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{method} {scheme} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -98,7 +102,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--schemes", default="w4,w4g64,w3g64")
     ap.add_argument("--methods", default="rtn,gptq,awq,awq+gptq,hqq",
-                    help="comma-separated; parameters after a colon: 'smoothquant:weight_only=down_proj;alpha=0.5'")
+                    help="comma-separated; parameters after a colon: 'smoothquant:override=down_proj=w8;alpha=0.5', "
+                         "'awq:quantizer=gptq;gptq.percdamp=0.05'")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=40)

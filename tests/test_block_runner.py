@@ -181,7 +181,7 @@ def _run_gptq(monkeypatch, whole_blocks: bool):
 
     monkeypatch.setattr(gptq_module, "quantize_group_gptq", recording)
     report: dict = {}
-    gptq_module.run_gptq(model, targets, parse_scheme("w3g32"), GPTQParams(true_sequential=True),
+    gptq_module.run_gptq(model, targets, dict.fromkeys(targets, parse_scheme("w3g32")), GPTQParams(true_sequential=True),
                          _tokens(n=8, seqlen=32), progress=False, report=report)
     monkeypatch.undo()
     return model, targets, solves, report

@@ -52,6 +52,86 @@ def test_qwen3_qk_norm_family_matches():
     assert out == hf_greedy(model, tok, PROMPTS[0], GREEDY.max_tokens)
 
 
+def _tiny_gemma3(**overrides):
+    """Gemma 3 with what sets it apart exercised: sliding (window 4) and global layers with their own rope
+    bases, (1 + w) norms with non-zero w, q/k norms, query_pre_attn_scalar != head_dim, GELU-tanh."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+                           max_position_embeddings=256, sliding_window=4,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                           rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                                            "full_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                           eos_token_id=0, pad_token_id=1, bos_token_id=0, **overrides)
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # transformers initialises Gemma's norms to w = 0 (a scale of 1 + w = 1)
+                p.copy_(torch.randn_like(p) * 0.5)
+    return model.eval(), tok
+
+
+def _engine_logits_along(engine, seqs: list[torch.Tensor], prompt_len: list[int]) -> list[torch.Tensor]:
+    """Prefill each seq[:prompt_len] into its own slot, then decode the rest of all seqs together, one
+    position per step -> per seq the logits (len - prompt_len + 1, V) of positions prompt_len-1 .. len-1."""
+    out = [[engine.forward.prefill(s[:n], engine.cache, slot)] for slot, (s, n) in enumerate(zip(seqs, prompt_len))]
+    positions = torch.tensor(prompt_len)
+    while True:
+        live = [i for i, s in enumerate(seqs) if positions[i] < len(s)]
+        if not live:
+            return [torch.stack(o) for o in out]
+        assert live == list(range(len(live)))  # decode reads slots 0..n-1: longer sequences come first
+        ids = torch.stack([seqs[i][positions[i]] for i in live])
+        logits = engine.forward.decode(ids, positions[:len(live)], engine.cache)
+        for i in live:
+            out[i].append(logits[i])
+        positions[:len(live)] += 1
+
+
+@pytest.mark.parametrize("softcap", [False, True])
+def test_gemma3_logits_equal_transformers(softcap):
+    # final-logit softcapping; transformers' Gemma 3 attention does not read attn_logit_softcapping
+    extra = dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0) if softcap else {}
+    model, tok = _tiny_gemma3(**extra)
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(2, len(tok), (n,), generator=g) for n in (17, 11)]  # both longer than the window
+    engine = Engine(model, tok, max_batch=2, fast=False)
+    got = _engine_logits_along(engine, seqs, [9, 3])
+    for seq, n, logits in zip(seqs, [9, 3], got):
+        with torch.no_grad():
+            ref = model(seq.unsqueeze(0)).logits[0, n - 1:].float()
+        assert logits.shape == ref.shape
+        torch.testing.assert_close(logits, ref, atol=2e-5, rtol=1e-4)
+    # the window matters here: without it the sliding layers would see older keys and the logits would move
+    with torch.no_grad():
+        full = model(seqs[0].unsqueeze(0), attention_mask=torch.ones(1, 17)).logits[0, -1]
+    assert torch.equal(full.argmax(), got[0][-1].argmax())
+
+
+def test_gemma3_greedy_equals_transformers_generate_and_runs_past_its_window():
+    model, tok = _tiny_gemma3()
+    engine = Engine(model, tok, max_batch=4, fast=False)
+    assert engine.max_seq_len == 256  # sliding layers are masked: the context is not capped at the window
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    outs = engine.generate(PROMPTS, params)
+    for prompt, out in zip(PROMPTS, outs):
+        assert out == hf_greedy(model, tok, prompt, params.max_tokens)
+
+
+def test_gemma3_fast_engine_keeps_the_python_decode_and_says_why(tiny_models):
+    r = quantship.quantize(str(tiny_models["gemma3"]), "w8", progress=False, log=lambda *a: None)
+    reference = Engine(r.model, r.tokenizer, fast=False).generate(PROMPTS, GREEDY)
+    fast = Engine(r.model, r.tokenizer)
+    assert fast.decode_path == "python" and "gemma3" in fast.decode_note
+    assert fast.kernels and sum(fast.kernels.values()) > 0 and fast.fused > 0
+    assert fast.generate(PROMPTS, GREEDY) == reference
+
+
 def test_max_tokens_and_stop_strings_and_eos():
     model, tok = build_tiny_model("qwen2", seed=3)
     engine = Engine(model, tok, fast=False)
@@ -74,8 +154,31 @@ def test_a_request_longer_than_the_context_is_refused():
         engine.add_request(list(range(30)), SamplingParams(max_tokens=8))
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)
-    with pytest.raises(ValueError, match="unsupported|no forward"):
+    runs = "gemma3, gemma3_text, llama, mistral, qwen2, qwen3 \\(use"
+    with pytest.raises(ValueError, match=f"no forward for model_type 'gpt2'.*{runs}"):
         Engine(*build_tiny_model("gpt2"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3", "gpt2", "opt"])
+def test_the_engine_runs_exactly_the_table_entries_with_engine_facts(arch):
+    from quantship.engine.forward import DecoderForward
+    from quantship.models.arch import arch_facts
+
+    model, _ = build_tiny_model(arch)
+    facts = arch_facts(model.config.model_type)
+    if facts.engine is None:
+        with pytest.raises(ValueError, match="no engine facts"):
+            DecoderForward(model)
+        return
+    f = DecoderForward(model)
+    block = model.get_submodule(facts.blocks)[0]
+    attn, mlp = facts.branches
+    # the modules it calls are the ones the quantizer's groups and branches name
+    b = f.blocks[0]
+    assert [b.q, b.k, b.v] == [block.get_submodule(n) for n in facts.fed_by(attn.pre_norm)]
+    assert b.down is block.get_submodule(mlp.tail) and b.mlp_norm is block.get_submodule(mlp.pre_norm)
+    assert (b.q_norm is not None) == (facts.qk_norm is not None) == (arch in ("qwen3", "gemma3"))
+    assert (b.mlp_post_norm is not None) == (arch == "gemma3")
 
 
 def test_sampling_is_seeded_and_respects_top_k():

@@ -131,7 +131,9 @@ def test_calibrated_methods_end_to_end(tiny_models, tmp_path, arch, method):
     src = tiny_models[arch]
     out = quantship.quantize(src, "w4g32", method=method, out=tmp_path / "q", calib_samples=8, calib_seqlen=32, **QUIET)
     manifest = quantship.verify(out)  # raises on any problem
-    assert manifest["method"]["name"] == method
+    # awq+gptq is recorded as what it stands for: awq with quantizer gptq
+    assert manifest["method"]["name"] == method.split("+")[0]
+    assert manifest["method"]["params"].get("quantizer") == {"awq": "rtn", "awq+gptq": "gptq"}.get(method)
     calib = manifest["calibration"]
     assert calib["samples"] == 8 and calib["seqlen"] == 32 and len(calib["sha256"]) == 64
     model, tok = quantship.load(out)
@@ -254,7 +256,7 @@ def test_eval_warns_when_candidate_was_calibrated_on_the_eval_text(tiny_models, 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt"])
 def test_fold_input_scale_keeps_the_float_function(arch):
     from quantship.methods.fold import fold_input_scale
-    from quantship.models.arch import arch_facts
+    from quantship.models.arch import arch_facts, is_transposed
 
     model, _ = build_tiny_model(arch)
     ids = torch.randint(2, 200, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -268,7 +270,7 @@ def test_fold_input_scale_keeps_the_float_function(arch):
 
             n = out_features(block.get_submodule(group.prev)) if group.prev_kind == "linear" else \
                 block.get_submodule(group.prev).weight.shape[0]
-            if any(block.get_submodule(lin).weight.shape[-1 if type(block.get_submodule(lin)).__name__ != "Conv1D" else 0] != n
+            if any(block.get_submodule(lin).weight.shape[0 if is_transposed(block.get_submodule(lin)) else -1] != n
                    for lin in group.linears):
                 continue  # GQA v_proj -> o_proj: not foldable
             fold_input_scale(block, group, facts, torch.rand(n, generator=g) * 3 + 0.2)
@@ -311,10 +313,12 @@ FORWARD_ORDER = {  # block 0's input groups in the order its forward reaches the
 @pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
 def test_true_sequential_gives_a_valid_artifact_on_every_architecture_table(tiny_models, tmp_path, arch, method):
     src = tiny_models[arch]
-    out = quantship.quantize(src, "w4g32", method=method, method_params={"true_sequential": True}, out=tmp_path / "q",
+    key = "true_sequential" if method == "gptq" else "gptq.true_sequential"  # awq+gptq: GPTQ's own parameter
+    out = quantship.quantize(src, "w4g32", method=method, method_params={key: True}, out=tmp_path / "q",
                              calib_samples=8, calib_seqlen=32, **QUIET)
     manifest = quantship.verify(out)
-    assert manifest["method"]["params"]["true_sequential"] is True
+    params = manifest["method"]["params"]
+    assert (params if method == "gptq" else params["quantizer_params"])["true_sequential"] is True
     blocks = manifest["method_report"]["layerwise"]["blocks"]
     assert all(b["sequential_stats_s"] > 0 for b in blocks)
     # every table with residual branches runs them branch by branch (OPT's MLP is no submodule)
@@ -365,8 +369,8 @@ def _gptq_block0(monkeypatch, arch: str, *, true_sequential: bool):
     tokens = torch.randint(2, 250, (6, 32), generator=torch.Generator().manual_seed(0))
     targets = find_targets(model, facts, QuantSpec(scheme="w3g32", method="gptq"))
     calls = _record_gptq_calls(monkeypatch, gptq_module)
-    gptq_module.run_gptq(model, targets, parse_scheme("w3g32"), GPTQParams(true_sequential=true_sequential), tokens,
-                         progress=False)
+    gptq_module.run_gptq(model, targets, dict.fromkeys(targets, parse_scheme("w3g32")),
+                         GPTQParams(true_sequential=true_sequential), tokens, progress=False)
     return _block0_calls(calls, facts), facts, tokens
 
 
@@ -411,20 +415,21 @@ def test_awq_gptq_true_sequential_collects_the_folded_hessian(monkeypatch):
     # Hessian collected from the folded block must equal the float one rescaled, H / (s s^T).
     # Later groups see the quantized earlier groups, so theirs differ.
     from quantship.methods import awq as awq_module
-    from quantship.methods.awq import AWQGPTQParams
+    from quantship.methods.awq import AWQParams
+    from quantship.methods.gptq import GPTQParams
     from quantship.models.arch import arch_facts
-    from quantship.pipeline import find_targets
+    from quantship.pipeline import assign_schemes, find_targets
 
     tokens = torch.randint(2, 250, (6, 32), generator=torch.Generator().manual_seed(0))
     recorded = {}
     for sequential in (True, False):
         model, _ = build_tiny_model("llama")
         facts = arch_facts(model.config.model_type)
-        targets = find_targets(model, facts, QuantSpec(scheme="w3g32", method="awq+gptq"))
+        spec = QuantSpec(scheme="w3g32", method="awq+gptq")
+        targets = find_targets(model, facts, spec)
         calls = _record_gptq_calls(monkeypatch, awq_module)
-        run = awq_module._runner(use_gptq=True)
-        run(model, targets, parse_scheme("w3g32"), AWQGPTQParams(true_sequential=sequential), tokens,
-            progress=False)
+        params = AWQParams(quantizer="gptq", quantizer_params=GPTQParams(true_sequential=sequential))
+        awq_module.run_awq(model, targets, assign_schemes(targets, spec), params, tokens, progress=False)
         recorded[sequential] = {group: h for group, h, _ in _block0_calls(calls, facts)}
         monkeypatch.undo()
     first, *later = FORWARD_ORDER["llama"]

@@ -208,16 +208,17 @@ def test_smoothquant_reports_statistics_and_smooths_outliers(tiny_models):
     assert only_norm.extra["smoothquant"]["summary"]["smoothed_groups"] == 4
 
 
-def test_smoothquant_weight_only_layers_make_a_mixed_precision_artifact(tiny_models, tmp_path):
+def test_smoothquant_weight_only_override_makes_a_mixed_precision_artifact(tiny_models, tmp_path):
     src = tiny_models["llama"]
     out = quantship.quantize(src, "w8a8", method="smoothquant", calib_samples=8, calib_seqlen=32,
-                             method_params={"weight_only": "down_proj"}, out=tmp_path / "mixed", **QUIET)
+                             overrides={"down_proj": "w8"}, out=tmp_path / "mixed", **QUIET)
     manifest = quantship.verify(out)
     schemes = {name: info["scheme"] for name, info in manifest["modules"].items()}
     assert {s for n, s in schemes.items() if n.endswith("down_proj")} == {"w8"}
     assert {s for n, s in schemes.items() if not n.endswith("down_proj")} == {"w8a8"}
     sq = manifest["method_report"]["smoothquant"]
     assert sq["summary"]["weight_only_linears"] == 2 and sq["summary"]["smoothed_groups"] == 6  # no up -> down
+    assert manifest["overrides"] == [["down_proj", "w8"]]
     model, _ = quantship.load(out)
     by_name = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     down = by_name["model.layers.0.mlp.down_proj"]
@@ -228,10 +229,16 @@ def test_smoothquant_weight_only_layers_make_a_mixed_precision_artifact(tiny_mod
     assert not torch.equal(q.fake_quantize_input(y), y)  # int8 activations
 
 
-def test_smoothquant_weight_only_typo_is_a_clear_error(tiny_models):
-    with pytest.raises(ValueError, match=r"weight_only='dwn_proj' matches no layer.*down_proj"):
+def test_smoothquant_override_typo_is_a_clear_error(tiny_models):
+    with pytest.raises(ValueError, match=r"--override dwn_proj=w8 matches no layer.*down_proj"):
         quantship.quantize(tiny_models["llama"], "w8a8", method="smoothquant", calib_samples=4, calib_seqlen=16,
-                           method_params={"weight_only": "dwn_proj"}, **QUIET)
+                           overrides={"dwn_proj": "w8"}, **QUIET)
+
+
+def test_smoothquant_weight_only_parameter_points_to_the_override(tiny_models):
+    with pytest.raises(ValueError, match=r"no parameter 'weight_only'.*--override 'down_proj=w8'"):
+        quantship.quantize(tiny_models["llama"], "w8a8", method="smoothquant", calib_samples=4, calib_seqlen=16,
+                           method_params={"weight_only": "down_proj"}, **QUIET)
 
 
 def test_smoothquant_static_activation_scales_round_trip(tiny_models, tmp_path):

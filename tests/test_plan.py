@@ -121,6 +121,11 @@ def test_unknown_model_and_missing_keys(tmp_path):
         plan(tmp_path, "w8")
 
 
+def test_unknown_model_type_is_refused_naming_the_architecture_table():
+    with pytest.raises(ValueError, match=r"no architecture facts for model_type 'mystery'.*gemma3.*ARCHITECTURES"):
+        shape_from_config({**SMALL, "model_type": "mystery"})
+
+
 def test_cost_per_million_tokens():
     assert cost_per_million_tokens(1000.0, 3.6) == pytest.approx(1.0)
     with pytest.raises(ValueError):

@@ -114,6 +114,24 @@ def test_engine_matches_transformers_greedy_on_the_default_model(baseline):
     assert out[0] == ref
 
 
+@pytest.mark.parametrize("scheme", ["fp32", "w4g64"])
+def test_engine_matches_transformers_greedy_on_gemma3(tmp_path, scheme):
+    # Gemma 3: sliding (window 512) and global layers, (1 + w) norms, q/k and post norms, GELU-tanh;
+    # the w4g64 case goes through an RTN artifact written and loaded back as the CLI does.
+    from quantship.engine import Engine, SamplingParams
+
+    path = pull("gemma3-270m", log=lambda *a: None)
+    if scheme != "fp32":
+        quantship.quantize("gemma3-270m", scheme, out=tmp_path / "artifact", progress=False, log=lambda *a: None)
+        path = tmp_path / "artifact"
+    model, tok = quantship.load(path)
+    ids = tok("The history of the city began when", return_tensors="pt").input_ids  # with Gemma's <bos>
+    ref = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, ids.shape[1]:].tolist()
+    engine = Engine(model, tok, fast=False, max_batch=2)
+    out = engine.generate([ids[0].tolist()], SamplingParams(max_tokens=16, ignore_eos=True))
+    assert out[0] == ref
+
+
 def _fast_engine(baseline, scheme):
     from quantship import native
     from quantship.engine import Engine

@@ -9,6 +9,7 @@ import quantship
 from quantship.formats.grid import quantize_weight
 from quantship.formats.linear import QuantLinear
 from quantship.formats.scheme import parse_scheme
+from quantship.methods.registry import get_method
 from quantship.methods.smoothquant import (SmoothQuantParams, fake_quant_w8a8, output_clip_ratio, search_alpha,
                                            smoothing_scale)
 
@@ -47,7 +48,8 @@ def test_searched_alpha_never_has_a_larger_output_error_than_the_fixed_one(seed,
 
 def test_defaults_are_the_configuration_that_meets_the_w8a8_target():
     p = SmoothQuantParams()
-    assert p.alpha_search and p.weight_method == "gptq" and p.alpha == 0.5 and not p.clip
+    assert p.alpha_search and p.quantizer == "gptq" and p.alpha == 0.5 and not p.clip
+    assert p.quantizer_params.percdamp == 0.1 and not p.quantizer_params.true_sequential
 
 
 def test_alpha_grid_and_parameter_validation():
@@ -56,10 +58,16 @@ def test_alpha_grid_and_parameter_validation():
     assert SmoothQuantParams(alpha_min=0.7, alpha_max=0.7).alpha_grid() == [0.5, 0.7]
     for bad, match in (({"alpha_min": 0.8, "alpha_max": 0.6}, "alpha_min <= alpha_max"),
                        ({"alpha_max": 1.2}, "alpha_max"), ({"alpha_step": 0.0}, "alpha_step"),
-                       ({"sample_tokens": 0}, "sample_tokens"), ({"weight_method": "awq"}, "'rtn' or 'gptq'"),
-                       ({"percdamp": -1.0}, "percdamp")):
+                       ({"sample_tokens": 0}, "sample_tokens"), ({"quantizer": "awq"}, "rtn, gptq")):
         with pytest.raises(ValueError, match=match):
             SmoothQuantParams(**bad)
+    m = get_method("smoothquant")
+    for bad, match in (({"gptq.percdamp": -1.0}, "percdamp"), ({"gptq.true_sequential": True}, "true_sequential"),
+                       ({"quantizer": "rtn", "gptq.percdamp": 0.1}, "quantizer=gptq"),
+                       ({"weight_method": "rtn"}, "quantizer=rtn"), ({"percdamp": 0.1}, "gptq.percdamp"),
+                       ({"quantizer": "rtn", "clip": True, "rtn.clip_search": True}, "keep one")):
+        with pytest.raises(ValueError, match=match):
+            m.make_params(bad)
 
 
 def test_output_clip_ratio_never_raises_the_output_error():
@@ -77,7 +85,7 @@ def test_output_clip_ratio_never_raises_the_output_error():
 def test_alpha_search_end_to_end_records_choices_in_the_manifest(tiny_models, tmp_path):
     src = tiny_models["llama"]
     out = quantship.quantize(src, "w8a8", method="smoothquant", calib_samples=8, calib_seqlen=32,
-                             method_params={"alpha_step": 0.1, "sample_tokens": 128, "weight_method": "rtn"},
+                             method_params={"alpha_step": 0.1, "sample_tokens": 128, "quantizer": "rtn"},
                              out=tmp_path / "search", **QUIET)
     manifest = quantship.verify(out)
     params = manifest["method"]["params"]
@@ -97,8 +105,8 @@ def test_alpha_search_end_to_end_records_choices_in_the_manifest(tiny_models, tm
     assert quantship.evaluate(src, out, ctx=64, max_windows=4, **QUIET).kld.mean < 0.05
 
 
-@pytest.mark.parametrize("extra", [{"weight_method": "gptq"}, {"weight_method": "rtn", "clip": True},
-                                   {"alpha_search": False, "weight_method": "rtn"}])
+@pytest.mark.parametrize("extra", [{"quantizer": "gptq"}, {"quantizer": "rtn", "clip": True},
+                                   {"alpha_search": False, "quantizer": "rtn"}])
 def test_smoothquant_weight_rounding_options_stay_pure_w8a8(tiny_models, tmp_path, extra):
     src = tiny_models["qwen2"]
     out = quantship.quantize(src, "w8a8", method="smoothquant", calib_samples=4, calib_seqlen=32,

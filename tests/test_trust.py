@@ -283,3 +283,15 @@ def test_sigkill_leaves_no_partial_artifact_and_a_rerun_succeeds(tiny_models, tm
     assert rerun.returncode == 0, rerun.stderr
     verify_artifact(out)
     assert not list(tmp_path.glob(".killed.*"))  # the rerun cleared the dead writers' temporary folders
+
+
+def test_eval_ctx_beyond_the_model_context_fails_before_loading(tiny_models, capsys, monkeypatch):
+    import quantship.models.load as load
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the bad --ctx was found")
+
+    monkeypatch.setattr(load, "load_model", boom)
+    llama = str(tiny_models["llama"])  # max_position_embeddings 256
+    assert cli(["eval", llama, llama, "--ctx", "512"]) == 1
+    assert "--ctx 512 exceeds the context" in _one_error_line(capsys.readouterr().err)

@@ -19,22 +19,25 @@ def _d(cls, name: str):
 
 def quantize(model: str | Path | tuple, scheme: str, *, method: str = _d(QuantSpec, "method"),
              out: str | Path | None = None, overwrite: bool = False, method_params: dict[str, Any] | None = None,
-             ignore: tuple[str, ...] = _d(QuantSpec, "ignore"), quantize_head: bool = _d(QuantSpec, "quantize_head"),
-             seed: int = _d(QuantSpec, "seed"), calib: str | None = _d(QuantSpec, "calib"),
-             calib_samples: int = _d(QuantSpec, "calib_samples"), calib_seqlen: int = _d(QuantSpec, "calib_seqlen"),
-             source: str | Path | None = None, reclaim_memory: bool = False, progress: bool = True, log=print):
+             overrides: dict[str, str] | list | tuple = (), ignore: tuple[str, ...] = _d(QuantSpec, "ignore"),
+             quantize_head: bool = _d(QuantSpec, "quantize_head"), seed: int = _d(QuantSpec, "seed"),
+             calib: str | None = _d(QuantSpec, "calib"), calib_samples: int = _d(QuantSpec, "calib_samples"),
+             calib_seqlen: int = _d(QuantSpec, "calib_seqlen"), source: str | Path | None = None,
+             reclaim_memory: bool = False, progress: bool = True, log=print):
     """Quantize a built-in or local HF model. Writes an artifact when `out` is given (returns its path),
     else returns the in-memory QuantResult.
 
     model: a name/path, or a loaded (model, tokenizer) pair: that model is left as it was (a copy is
     quantized) and `source` names its folder for the manifest (default: the folder it was loaded from).
+    overrides: per-layer schemes, in order, the last match winning: {regex: scheme} (e.g.
+    {"down_proj": "w8"}), (regex, scheme) pairs, or "regex=scheme" strings as the CLI's --override.
     reclaim_memory: for one-shot processes (the CLI): hand the float weights' file pages back to the OS
     during calibrated methods and fix glibc's mmap threshold for the process (memory.reclaiming_memory).
     Nothing else outlives the call: torch's thread count and RNG state are as they were."""
-    from .pipeline import quantize_model
+    from .pipeline import plan_schemes, quantize_model
 
     spec = QuantSpec(scheme=scheme, method=method, method_params=tuple((method_params or {}).items()),
-                     ignore=tuple(ignore), quantize_head=quantize_head, seed=seed, calib=calib,
+                     overrides=_overrides(overrides), ignore=tuple(ignore), quantize_head=quantize_head, seed=seed, calib=calib,
                      calib_samples=calib_samples, calib_seqlen=calib_seqlen)
     _check_before_loading(spec)
     loaded = isinstance(model, tuple)
@@ -51,6 +54,7 @@ def quantize(model: str | Path | tuple, scheme: str, *, method: str = _d(QuantSp
         overwrite = overwrite or is_empty_dir(out)
     if not loaded:
         model_obj, tokenizer = load_model(source, dtype=torch.float32, log=log)
+    plan_schemes(model_obj, spec)  # overrides, group sizes, method x scheme: before calibration data is built
     calib_set = _calibration(spec, model_obj, tokenizer)
     result = quantize_model(model_obj, tokenizer, spec, source=source, progress=progress, calib=calib_set,
                             reclaim_memory=reclaim_memory)
@@ -64,11 +68,14 @@ def quantize(model: str | Path | tuple, scheme: str, *, method: str = _d(QuantSp
 def _check_before_loading(spec: QuantSpec) -> None:
     """What can be checked without the model: the method exists, takes its parameters and the
     scheme, and the calibration spec parses (layer shapes are checked once the model is loaded)."""
+    from .formats.scheme import parse_scheme
     from .methods.registry import get_method
 
     method = get_method(spec.method)
-    method.make_params(spec.params)
-    method.check_scheme(spec.parsed_scheme)
+    params = method.make_params(spec.params)
+    method.check_scheme(spec.parsed_scheme, params)
+    for pattern, scheme in spec.overrides:
+        method.check_scheme(parse_scheme(scheme), params, override=f"{pattern}={scheme}")
     if method.needs_calibration:
         from .calib.sources import parse_source_spec
 
@@ -99,6 +106,19 @@ def _check_replace(out: str | Path, overwrite: bool, *, source: Path | None) -> 
         if not overwrite:
             raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --force) to replace it")
         check_replaceable(out, source=source)
+
+
+def _overrides(overrides) -> tuple[tuple[str, str], ...]:
+    from .specs import parse_overrides
+
+    if isinstance(overrides, dict):
+        return tuple((str(k), str(v)) for k, v in overrides.items())
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    strings = [o for o in overrides if isinstance(o, str)]
+    if strings and len(strings) != len(overrides):
+        raise ValueError("overrides: give either 'regex=scheme' strings or (regex, scheme) pairs, not both")
+    return parse_overrides(strings) if strings else tuple(tuple(o) for o in overrides)
 
 
 def _calibration(spec: QuantSpec, model, tokenizer):

@@ -134,7 +134,8 @@ def _manifest(result, files: dict[str, str], write_s: float) -> dict:
         "schema_version": SCHEMA_VERSION,
         "quantship_version": _version(),
         "source": _source_info(result.source),
-        "scheme": result.spec.scheme,
+        "scheme": result.spec.scheme,  # the default; each module's own is in "modules"
+        "overrides": [[pattern, scheme] for pattern, scheme in result.spec.overrides],  # (regex, scheme), last wins
         "method": {"name": result.spec.method, "params": result.method_params},
         "targets": {"ignore": list(result.spec.ignore), "quantize_head": result.spec.quantize_head},
         "seed": result.spec.seed,
@@ -396,7 +397,8 @@ _STORED_DTYPE = {"int": "F16", "nf4": "F16", "fp8": "F32"}
 def _check_module(model: nn.Module, name: str, info: dict, header: dict, path: Path) -> None:
     """The manifest's entry for `name` must fit the config's layer and the stored tensors exactly."""
     from .formats.pack import packed_row_bytes
-    from .pipeline import is_linear_like, linear_weight
+    from .models.arch import arch_facts
+    from .pipeline import linear_weight
 
     def fail(why: str):
         raise ArtifactError(f"artifact {path}: manifest module {name!r} {why}; the artifact is damaged")
@@ -405,7 +407,7 @@ def _check_module(model: nn.Module, name: str, info: dict, header: dict, path: P
         original = model.get_submodule(name)
     except AttributeError:
         fail("is not a layer of the model built from config.json")
-    if not is_linear_like(original):
+    if not isinstance(original, (nn.Linear, *arch_facts(model.config.model_type).linear_types())):
         fail(f"is a {type(original).__name__}, not a linear layer")
     out_f, in_f = info["shape"]
     if tuple(linear_weight(original).shape) != (out_f, in_f):

@@ -41,13 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and write an artifact folder")
     q.add_argument("model", help="built-in name or local Hugging Face folder")
-    q.add_argument("--scheme", required=True, help="e.g. w8, w4g64, w4g32-asym, w3g64, nf4g64, fp8 (see `schemes`)")
+    q.add_argument("--scheme", required=True,
+                   help="default scheme, e.g. w8, w4g64, w4g32-asym, w3g64, nf4g64, fp8 (see `schemes`)")
+    q.add_argument("--override", action="append", default=[], metavar="REGEX=SCHEME",
+                   help="per-layer scheme: layers whose full name the regex is found in get SCHEME, e.g. "
+                        "'down_proj=w8' or 'layers\\.0\\.=w8' (repeatable; the last match wins)")
     q.add_argument("--method", default=default_of(QuantSpec, "method"),
-                   help="rtn, hqq (data-free); gptq, awq (= awq+rtn), awq+gptq, smoothquant (calibrated)")
+                   help="rtn, hqq (data-free); gptq, awq, awq+gptq (= awq with quantizer=gptq), smoothquant "
+                        "(calibrated); transforms take --param quantizer=rtn|gptq and --param gptq.KEY=VALUE")
     q.add_argument("-o", "--out", help="artifact folder (default: ./out/<model>-<scheme>-<method>)")
     q.add_argument("--clip-search", action="store_true", help="RTN: MSE-optimal clipping search per group")
     q.add_argument("--no-act-order", action="store_true",
-                   help="GPTQ (gptq, awq+gptq): plain column order instead of decreasing Hessian diagonal")
+                   help="GPTQ (gptq, or a transform with quantizer=gptq): plain column order instead of "
+                        "decreasing Hessian diagonal")
     q.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable)")
     q.add_argument("--ignore", action="append", default=[], metavar="REGEX", help="keep matching layers (repeatable)")
     q.add_argument("--quantize-head", action="store_true", help="also quantize lm_head")
@@ -226,12 +232,20 @@ def cmd_schemes(args) -> int:
 def _method_params(args) -> dict:
     from .specs import parse_method_params
 
+    from .methods.registry import get_method, resolve_alias
+
     params = dict(parse_method_params(args.param))
+    flags = {}
     if args.clip_search:
-        params["clip_search"] = True
+        flags["clip_search"] = True
     if args.no_act_order:
-        params["act_order"] = False
-    return params
+        flags["act_order"] = False
+    name, resolved = resolve_alias(args.method, params)
+    method = get_method(name)
+    if flags and method.is_transform:  # the flags are the weight quantizer's parameters
+        quantizer = resolved.get("quantizer", method.default_quantizer)
+        flags = {f"{quantizer}.{key}": value for key, value in flags.items()}
+    return {**params, **flags}
 
 
 def cmd_quantize(args) -> int:
@@ -241,7 +255,7 @@ def cmd_quantize(args) -> int:
 
     out = args.out or str(Path("out") / f"{Path(args.model).name}-{args.scheme}-{args.method}")
     path = api.quantize(args.model, args.scheme, method=args.method, out=out, overwrite=args.force,
-                        method_params=_method_params(args), ignore=tuple(args.ignore),
+                        method_params=_method_params(args), overrides=args.override, ignore=tuple(args.ignore),
                         quantize_head=args.quantize_head, seed=args.seed, calib=args.calib,
                         calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                         reclaim_memory=True)  # one-shot process: the float model is dropped anyway

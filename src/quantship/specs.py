@@ -13,8 +13,11 @@ from .formats.scheme import Scheme, parse_scheme
 
 @dataclass(frozen=True)
 class QuantSpec:
-    scheme: str
+    scheme: str  # the default scheme of every target layer
     method: str = "rtn"
+    # ordered (regex, scheme) pairs: a layer whose full name the regex searches gets that scheme;
+    # the last matching override wins, layers no override matches keep `scheme`
+    overrides: tuple[tuple[str, str], ...] = ()
     method_params: tuple[tuple[str, Any], ...] = ()  # (name, value) pairs, e.g. (("clip_search", True),)
     ignore: tuple[str, ...] = ()  # regexes over module names kept in source precision
     quantize_head: bool = False
@@ -24,7 +27,27 @@ class QuantSpec:
     calib_seqlen: int = 512
 
     def __post_init__(self) -> None:
+        from .methods.registry import resolve_alias
+
+        # a shorthand method name (awq+gptq) is stored as the method it stands for, with its parameters
+        method, params = resolve_alias(self.method, dict(self.method_params))
+        if method != self.method:
+            object.__setattr__(self, "method", method)
+            object.__setattr__(self, "method_params", tuple(params.items()))
         self.parsed_scheme  # raises with the grammar on a typo
+        for pair in self.overrides:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(v, str) for v in pair)):
+                raise ValueError(f"overrides must be (regex, scheme) string pairs, got {pair!r}")
+        for pattern, scheme in self.overrides:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"--override {pattern}={scheme}: {pattern!r} is not a valid regular expression: "
+                                 f"{e}") from e
+            try:
+                parse_scheme(scheme)
+            except ValueError as e:
+                raise ValueError(f"--override {pattern}={scheme}: {e}") from e
         for pattern in self.ignore:
             try:
                 re.compile(pattern)
@@ -36,6 +59,15 @@ class QuantSpec:
     @property
     def parsed_scheme(self) -> Scheme:
         return parse_scheme(self.scheme)
+
+    def scheme_for(self, name: str) -> Scheme:
+        """The scheme of the layer with full module name `name`: the last override whose regex
+        is found in the name, else the default scheme."""
+        chosen = self.scheme
+        for pattern, scheme in self.overrides:
+            if re.search(pattern, name):
+                chosen = scheme
+        return parse_scheme(chosen)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -180,6 +212,19 @@ def parse_method_params(pairs: list[str]) -> tuple[tuple[str, Any], ...]:
             raise ValueError(f"method parameter {pair!r} must look like key=value")
         key, raw = pair.split("=", 1)
         out.append((key.strip().replace("-", "_"), _coerce(raw.strip())))
+    return tuple(out)
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """`REGEX=SCHEME` strings (CLI --override) -> ordered (regex, scheme) pairs; the scheme is
+    what follows the last '=' (scheme names hold none), so a regex may contain '='."""
+    out = []
+    for item in items:
+        pattern, sep, scheme = item.rpartition("=")
+        if not sep or not pattern.strip() or not scheme.strip():
+            raise ValueError(f"override {item!r} must look like REGEX=SCHEME, e.g. 'down_proj=w8' or "
+                             f"'layers\\.0\\.=w8'")
+        out.append((pattern.strip(), scheme.strip()))
     return tuple(out)
 
 

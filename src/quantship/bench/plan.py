@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..formats.scheme import GRAMMAR, parse_scheme
+from ..models.arch import ARCHITECTURES
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 
@@ -46,8 +47,6 @@ GPU_PRESETS = {
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _MEM_RE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[a-zA-Z]*)\s*$")
-_NON_GATED = {"gpt2", "opt", "gpt_neox", "gptj", "falcon", "bloom"}
-_LAYERNORM = {"gpt2", "opt"}  # LayerNorm with a bias; the rest use RMSNorm (weight only)
 
 
 def parse_memory(text: str | int) -> int:
@@ -159,15 +158,17 @@ def shape_from_config(config: dict) -> ModelShape:
     hidden = _need(cfg, "hidden_size", "n_embd", "d_model")
     heads = _need(cfg, "num_attention_heads", "n_head")
     head_dim = int(_first(cfg, "head_dim", default=hidden // heads))
-    family = model_type.replace("_text", "")
-    layernorm = family in _LAYERNORM
-    embed_dim = int(_first(cfg, "word_embed_proj_dim", default=hidden)) if family == "opt" else hidden
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"the planner has no architecture facts for model_type {model_type!r}; supported: "
+                         f"{', '.join(sorted(ARCHITECTURES))} (add an entry to ARCHITECTURES in "
+                         f"quantship/models/arch.py)")
+    arch = ARCHITECTURES[model_type]
+    facts = arch.shape
+    embed_dim = int(_first(cfg, facts.embed_dim_key, default=hidden)) if facts.embed_dim_key else hidden
     positions = 0
-    if family == "gpt2":
-        positions = int(_first(cfg, "n_positions", "max_position_embeddings", default=1024))
-    elif family == "opt":
-        positions = int(_first(cfg, "max_position_embeddings", default=2048)) + 2  # OPT offsets positions by 2
-    has_bias = layernorm  # gpt2 / opt: biases everywhere
+    if facts.position_keys:
+        positions = int(_first(cfg, *facts.position_keys, default=facts.position_default)) + facts.position_offset
+    attention_bias = bool(cfg.get("attention_bias", False))
     return ModelShape(
         model_type=model_type,
         vocab_size=_need(cfg, "vocab_size"),
@@ -177,14 +178,14 @@ def shape_from_config(config: dict) -> ModelShape:
         num_kv_heads=int(_first(cfg, "num_key_value_heads", "num_kv_heads", default=heads)),
         head_dim=head_dim,
         intermediate_size=int(_first(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)),
-        gated_mlp=family not in _NON_GATED,
+        gated_mlp=facts.gated_mlp,
         tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-        norms_per_layer=4 if family == "gemma3" else 2,
-        norm_bias=layernorm,
-        qk_norm=family in ("qwen3", "gemma3"),
-        attention_bias=has_bias or family == "qwen2" or bool(cfg.get("attention_bias", False)),
-        out_bias=has_bias or bool(cfg.get("attention_bias", False) and family != "qwen2"),
-        mlp_bias=has_bias or bool(cfg.get("mlp_bias", False)),
+        norms_per_layer=len(arch.norms()),
+        norm_bias=facts.layernorm,
+        qk_norm=arch.qk_norm is not None,
+        attention_bias=facts.all_biases or facts.qkv_bias or attention_bias,
+        out_bias=facts.all_biases or (attention_bias and not facts.qkv_bias),
+        mlp_bias=facts.all_biases or bool(cfg.get("mlp_bias", False)),
         positions=positions,
         embed_dim=embed_dim if embed_dim != hidden else 0,
     )

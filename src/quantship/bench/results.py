@@ -113,6 +113,7 @@ class BenchReport:
     kernels: dict[str, str]
     fused_groups: int
     decode_path: str
+    decode_note: str | None = None  # why the native decode does not run, when it does not
     single: SingleStreamStats | None = None
     load: LoadStats | None = None
 
@@ -132,7 +133,7 @@ class BenchReport:
 
     _COMMON = ("mode", "load_s", "weight_bytes", "kv_bytes_per_token", "bandwidth_gbs", "measured_bandwidth_gbs",
                "bandwidth_fraction", "peak_rss_bytes", "cost_per_million_output_tokens", "machine", "versions",
-               "kernels", "fused_groups", "decode_path")
+               "kernels", "fused_groups", "decode_path", "decode_note")
 
     def to_json(self) -> dict:
         stats = self.single if self.single is not None else self.load
@@ -151,6 +152,6 @@ class BenchReport:
         if unknown:
             raise ValueError(f"BenchReport ({data['mode']}): unknown keys {unknown}")
         stats = stats_cls.from_json({k: data[k] for k in _field_names(stats_cls)})
-        return cls(**{k: data[k] for k in cls._COMMON}, spec=BenchSpec(**data["spec"]),
+        return cls(**{k: data.get(k) for k in cls._COMMON}, spec=BenchSpec(**data["spec"]),
                    model=BenchModel(**data["model"]),
                    single=stats if data["mode"] == "single" else None, load=None if data["mode"] == "single" else stats)

@@ -41,7 +41,8 @@ def run_bench(spec: BenchSpec, *, progress: bool = True) -> BenchReport:
     cost = cost_per_million_tokens(throughput, spec.price_per_hour) if spec.price_per_hour is not None else None
     return BenchReport(**result, cost_per_million_output_tokens=cost, spec=spec, model=BenchModel(**model_info),
                        machine=machine, versions=_versions(), kernels=dict(engine.kernels), fused_groups=engine.fused,
-                       decode_path=engine.decode_path, **stats)
+                       decode_path=engine.decode_path,
+                       decode_note=engine.decode_note, **stats)
 
 
 def _names(cls) -> list[str]:

@@ -1,10 +1,11 @@
 """The decode step's layer loop as one native call per layer (quantship/native/csrc/decode_layer.cpp).
 
 `NativeDecode.build(forward, cache)` describes each layer's norms and projections to the native
-op once (which kernel multiplies each projection, with which tensors) and returns None with the
-reason when something has no native form (an activation other than SiLU, a projection that only
-the reference path can multiply, an fp8 KV cache, no AVX2 compiler): the engine then keeps the
-Python decode, which computes the same thing with ~70 torch operators per layer.
+op once (which kernel multiplies each projection, with which tensors) and returns None and the
+reason when something has no native form (a family whose table entry says so, such as gemma3; an
+activation other than SiLU, a projection that only the reference path can multiply, an fp8 KV
+cache, no AVX2 compiler): the engine then keeps the Python decode, which computes the same thing
+with ~70 torch operators per layer.
 """
 
 from __future__ import annotations
@@ -69,19 +70,20 @@ class NativeDecode:
         self.forward, self.layers = forward, layers
 
     @classmethod
-    def build(cls, forward, cache) -> "NativeDecode | None":
+    def build(cls, forward, cache) -> "tuple[NativeDecode | None, str | None]":
+        """-> (the native decode, None), or (None, why the Python decode is kept), the reason logged once."""
         try:
             _check(forward, cache)
-            return cls(forward, [_describe_layer(forward, i) for i in range(len(forward.layers))])
+            return cls(forward, [_describe_layer(forward, i) for i in range(len(forward.layers))]), None
         except Unsupported as e:
             log.info("native decode not used: %s", e)
-            return None
+            return None, str(e)
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         f = self.forward
-        h = f.inner.embed_tokens(ids).float().contiguous()  # (n, C)
-        cos, sin = f.inner.rotary_emb(h.unsqueeze(1), positions.unsqueeze(1))
+        h = f.embed(ids).float().contiguous()  # (n, C)
+        cos, sin = f.rope(h.unsqueeze(1), positions.unsqueeze(1))[None]
         cos, sin = cos[:, 0].float().contiguous(), sin[:, 0].float().contiguous()  # (n, hs)
         positions = positions.contiguous()
         scales = getattr(cache, "k_scale", None)
@@ -90,12 +92,14 @@ class NativeDecode:
                 h, cos, sin, positions, cache.k[i], cache.v[i],
                 scales[i] if scales else _EMPTY, cache.v_scale[i] if scales else _EMPTY,
                 norms, tensors, spec, f.n_heads, f.n_kv, f.eps, f.scaling)
-        return f.head(f.inner.norm(h)).float()
+        return f.logits(h)
 
 
 def _check(forward, cache) -> None:
     """Raise Unsupported when the model, cache or machine has no native decode."""
     cfg = forward.model.config
+    if forward.engine_facts.native_decode_unsupported:
+        raise Unsupported(forward.engine_facts.native_decode_unsupported)
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise Unsupported(f"activation {cfg.hidden_act!r} (native decode has SiLU)")
     if cache.kind not in ("float32", "bfloat16", "int8"):
@@ -105,14 +109,13 @@ def _check(forward, cache) -> None:
 
 
 def _describe_layer(forward, i: int) -> tuple[list, list, list]:
-    layer = forward.layers[i]
-    attn, mlp = layer.self_attn, layer.mlp
-    qk = (attn.q_norm.weight, attn.k_norm.weight) if forward.family.qk_norm else (None, None)
-    norms = [_f32(layer.input_layernorm.weight), _f32(layer.post_attention_layernorm.weight), _f32(qk[0]), _f32(qk[1])]
+    b = forward.blocks[i]
+    qk = (b.q_norm.weight, b.k_norm.weight) if b.q_norm is not None else (None, None)
+    norms = [_f32(b.attn_norm.weight), _f32(b.mlp_norm.weight), _f32(qk[0]), _f32(qk[1])]
     spec, tensors = [], []
-    qkv = [forward.qkv[i]] if forward.qkv[i] is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
-    gate_up = [forward.gate_up[i]] if forward.gate_up[i] is not None else [mlp.gate_proj, mlp.up_proj]
-    for group in (qkv, [attn.o_proj], gate_up, [mlp.down_proj]):
+    qkv = [forward.qkv[i]] if forward.qkv[i] is not None else [b.q, b.k, b.v]
+    gate_up = [forward.gate_up[i]] if forward.gate_up[i] is not None else [b.gate, b.up]
+    for group in (qkv, [b.o], gate_up, [b.down]):
         s, t = _group(group)
         spec += s
         tensors += t

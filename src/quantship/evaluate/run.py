@@ -63,6 +63,11 @@ def evaluate_models(baseline, candidates: list, spec: EvalSpec = EvalSpec(), *, 
 
     if not candidates:
         raise ValueError("no candidate to evaluate")
+    from ..models.load import check_context
+
+    for model in (baseline, *candidates):  # before any weights are loaded
+        if not isinstance(model, tuple):
+            check_context(model, spec.ctx, log=log)
     base, base_ref, _ = _load(baseline, _display_name(baseline, "baseline"), log)
     reports = []
     for i, candidate in enumerate(candidates):

@@ -17,19 +17,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.arch import ArchFacts, ScaleGroup
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"
+from ..models.arch import ArchFacts, ScaleGroup, is_transposed
 
 
 def out_features(module: nn.Module) -> int:
-    return module.weight.shape[1] if _is_conv1d(module) else module.weight.shape[0]
+    return module.weight.shape[1] if is_transposed(module) else module.weight.shape[0]
 
 
 def in_features(module: nn.Module) -> int:
-    return module.weight.shape[0] if _is_conv1d(module) else module.weight.shape[1]
+    return module.weight.shape[0] if is_transposed(module) else module.weight.shape[1]
 
 
 def prev_channels(block: nn.Module, group: ScaleGroup) -> int:
@@ -97,7 +93,7 @@ def fold_input_scale(block: nn.Module, group: ScaleGroup, facts: ArchFacts, s: t
         w = prev.weight.float()
         new = (w + facts.norm_weight_offset) / s - facts.norm_weight_offset
         prev.weight.copy_(new.to(prev.weight.dtype))
-    elif _is_conv1d(prev):
+    elif is_transposed(prev):
         prev.weight.div_(s.to(prev.weight.dtype).unsqueeze(0))
     else:
         prev.weight.div_(s.to(prev.weight.dtype).unsqueeze(1))
@@ -106,7 +102,7 @@ def fold_input_scale(block: nn.Module, group: ScaleGroup, facts: ArchFacts, s: t
     for name in group.linears:
         lin = block.get_submodule(name)
         s_in = expand_to_consumer(s, *layouts[name]).to(lin.weight.dtype)
-        if _is_conv1d(lin):
+        if is_transposed(lin):
             lin.weight.mul_(s_in.unsqueeze(1))
         else:
             lin.weight.mul_(s_in.unsqueeze(0))

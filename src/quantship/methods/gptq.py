@@ -16,8 +16,10 @@ Implementation notes (ours, from the paper):
   * act_order: columns in order of decreasing diag(H). Groups stay "static" -- each group's
     scale/offset comes from the original columns of that group -- so the stored layout is the
     plain group layout and needs no permutation at inference.
-  * Linears that share an input (q/k/v, gate/up) are quantized as one row-stacked matrix: GPTQ
-    treats rows independently, so this is exact and saves the column loop.
+  * Linears that share an input (q/k/v, gate/up) and have the same scheme are quantized as one
+    row-stacked matrix: GPTQ treats rows independently, so this is exact and saves the column
+    loop. Linears of the group with another scheme (a per-layer override) are solved on their own,
+    against the same Hessian.
   * true_sequential (the reference's --true-sequential): inside a block the input groups are
     quantized in forward order, and each group's Hessian is collected from inputs that the
     block's already-quantized earlier groups produced (one forward per batch, stopped at the
@@ -223,9 +225,22 @@ def layer_output_error(w: torch.Tensor, qw: QuantizedWeight, hessian: torch.Tens
     return float(((d @ hessian.float()) * d).sum())
 
 
-def quantize_group_gptq(weights: list[torch.Tensor], hessian: torch.Tensor, scheme: Scheme, params: GPTQParams,
-                        names: list[str], report: dict) -> list[QuantizedWeight]:
-    """GPTQ for linears sharing one input; RTN fallback when the Hessian never factors."""
+def quantize_group_gptq(weights: list[torch.Tensor], hessian: torch.Tensor, schemes: Scheme | list[Scheme],
+                        params: GPTQParams, names: list[str], report: dict) -> list[QuantizedWeight]:
+    """GPTQ for linears sharing one input, each on its scheme (one for all, or one per weight):
+    those of one scheme are row-stacked and solved together; RTN fallback when the Hessian never factors."""
+    schemes = list(schemes) if isinstance(schemes, (list, tuple)) else [schemes] * len(weights)
+    results: list[QuantizedWeight | None] = [None] * len(weights)
+    for scheme in dict.fromkeys(schemes):  # distinct schemes, first-seen order
+        idx = [i for i, s in enumerate(schemes) if s == scheme]
+        solved = _solve_same_scheme([weights[i] for i in idx], hessian, scheme, params, [names[i] for i in idx], report)
+        for i, qw in zip(idx, solved):
+            results[i] = qw
+    return results
+
+
+def _solve_same_scheme(weights: list[torch.Tensor], hessian: torch.Tensor, scheme: Scheme, params: GPTQParams,
+                       names: list[str], report: dict) -> list[QuantizedWeight]:
     from ..formats.grid import quantize_weight
     from .layerwise import split_rows
 
@@ -245,7 +260,7 @@ def quantize_group_gptq(weights: list[torch.Tensor], hessian: torch.Tensor, sche
     return split_rows(results[0], [w.shape[0] for w in weights]) if stack else results
 
 
-def gptq_block_solver(scheme: Scheme, params: GPTQParams, report: dict):
+def gptq_block_solver(params: GPTQParams, report: dict):
     from ..pipeline import linear_weight
 
     def solve(ctx) -> dict[str, QuantizedWeight]:
@@ -254,7 +269,8 @@ def gptq_block_solver(scheme: Scheme, params: GPTQParams, report: dict):
             weights = [linear_weight(ctx.block.get_submodule(n)) for n in group]
             hessian = group_hessian(ctx, group, params.true_sequential)
             names = [f"{ctx.prefix}.{n}" for n in group]
-            solved = dict(zip(group, quantize_group_gptq(weights, hessian, scheme, params, names, report)))
+            schemes = [ctx.schemes[n] for n in group]
+            solved = dict(zip(group, quantize_group_gptq(weights, hessian, schemes, params, names, report)))
             if params.true_sequential:
                 ctx.load(solved)  # the next group's inputs come from these quantized values
             chosen.update(solved)
@@ -270,15 +286,17 @@ def group_hessian(ctx, group: tuple[str, ...], true_sequential: bool) -> torch.T
     return stats.mean_hessian()
 
 
-def run_gptq(model, targets, scheme: Scheme, params: GPTQParams, calib, *, progress: bool = True,
+def run_gptq(model, targets, schemes: dict[str, Scheme], params: GPTQParams, calib, *, progress: bool = True,
              report: dict | None = None, on_quantized=None):
+    from ..pipeline import schemes_label
     from .layerwise import run_layerwise_with_leftovers
 
     report = report if report is not None else {}
-    return run_layerwise_with_leftovers(model, targets, calib, gptq_block_solver(scheme, params, report),
-                                        scheme=scheme, batch_size=params.batch_size, want_hessian=True,
+    return run_layerwise_with_leftovers(model, targets, calib, gptq_block_solver(params, report),
+                                        schemes=schemes, batch_size=params.batch_size, want_hessian=True,
                                         float_stats=not params.true_sequential, progress=progress,
-                                        report=report, desc=f"gptq {scheme.name}", on_quantized=on_quantized)
+                                        report=report, desc=f"gptq {schemes_label(schemes)}",
+                                        on_quantized=on_quantized)
 
 
 def supports(scheme: Scheme) -> bool:

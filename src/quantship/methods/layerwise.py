@@ -26,9 +26,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats.grid import QuantizedWeight
+from ..formats.scheme import Scheme
 from ..memory import (peak_rss_bytes, reclaim_context, reclaim_enabled, release_clean_pages, release_free_memory,
                       release_tensor_memory, rss_bytes)
-from ..models.arch import ArchFacts
+from ..models.arch import ArchFacts, is_transposed
 from .block_runner import BlockRunner, StopForward, make_runner
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class BlockContext:
     facts: ArchFacts
     group_prev: dict[tuple[str, ...], object]  # group -> ScaleGroup (foldable predecessor) when known
     runner: BlockRunner  # runs the block over the calibration batches (methods/block_runner.py)
+    schemes: dict[str, Scheme]  # relative linear name -> its own scheme (default or override)
     sample_per_batch: int = 0  # rows per batch kept in InputStats.samples
     stats: dict[tuple[str, ...], InputStats] = field(default_factory=dict)
     loaded: set[str] = field(default_factory=set)  # linears whose quantized values are in the block
@@ -254,11 +256,12 @@ def input_groups(facts: ArchFacts, block_targets: list[str]) -> tuple[list[tuple
 
 
 def run_layerwise(model: nn.Module, facts: ArchFacts, targets: dict[str, nn.Module], tokens: torch.Tensor,
-                  solve: BlockSolver, *, batch_size: int = 4, want_hessian: bool = True, sample_tokens: int = 0,
-                  float_stats: bool = True, progress: bool = True, report: dict | None = None,
+                  solve: BlockSolver, schemes: dict[str, Scheme], *, batch_size: int = 4, want_hessian: bool = True,
+                  sample_tokens: int = 0, float_stats: bool = True, progress: bool = True, report: dict | None = None,
                   desc: str = "quantize", on_quantized: Callable[[str, QuantizedWeight], None] | None = None
                   ) -> dict[str, QuantizedWeight]:
-    """Run `solve` block by block on calibration `tokens` (n, seqlen); returns {target name: weight},
+    """Run `solve` block by block on calibration `tokens` (n, seqlen), each target with its scheme
+    from `schemes` (full names; BlockContext.schemes has the block's, by relative name); returns {target name: weight},
     or hands each finished block's weights to on_quantized(name, weight) instead (the caller packs
     them at once, so one byte per weight of codes does not pile up over the blocks).
 
@@ -269,12 +272,12 @@ def run_layerwise(model: nn.Module, facts: ArchFacts, targets: dict[str, nn.Modu
     their pages of a memory-mapped checkpoint are handed back to the OS as well, and large
     allocations get their own mappings (process-wide; the CLI's one-shot quantize)."""
     with reclaim_context():
-        return _run_layerwise(model, facts, targets, tokens, solve, batch_size=batch_size, want_hessian=want_hessian,
+        return _run_layerwise(model, facts, targets, tokens, solve, schemes, batch_size=batch_size, want_hessian=want_hessian,
                               sample_tokens=sample_tokens, float_stats=float_stats, progress=progress, report=report,
                               desc=desc, on_quantized=on_quantized)
 
 
-def _run_layerwise(model, facts, targets, tokens, solve, *, batch_size, want_hessian, sample_tokens, float_stats,
+def _run_layerwise(model, facts, targets, tokens, solve, schemes, *, batch_size, want_hessian, sample_tokens, float_stats,
                    progress, report, desc, on_quantized) -> dict[str, QuantizedWeight]:
     blocks = model.get_submodule(facts.blocks)
     started = time.perf_counter()
@@ -303,7 +306,8 @@ def _run_layerwise(model, facts, targets, tokens, solve, *, batch_size, want_hes
             groups, prev = input_groups(facts, rel_targets)
             loaded: set[str] = set()
             runner = make_runner(block, facts, hidden, calls, groups, loaded, verdict)
-            ctx = BlockContext(i, prefix, block, groups, facts, prev, runner, per_batch, loaded=loaded)
+            block_schemes = {rel: schemes[f"{prefix}.{rel}"] for rel in rel_targets}
+            ctx = BlockContext(i, prefix, block, groups, facts, prev, runner, block_schemes, per_batch, loaded=loaded)
             if float_stats:
                 ctx.stats = ctx.collect_stats(groups, want_hessian)
             t_stats = time.perf_counter()
@@ -354,14 +358,14 @@ def _release_weight(module: nn.Module) -> None:
 
 
 def _in_features(module: nn.Module) -> int:
-    return module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.weight.shape[1]
+    return module.weight.shape[0] if is_transposed(module) else module.weight.shape[1]
 
 
 @torch.no_grad()
 def _load_dequantized(module: nn.Module, qw: QuantizedWeight) -> None:
     """Put the quantized values into the float module so the block's re-run sees them."""
     w = qw.dequantize()
-    if type(module).__name__ == "Conv1D":
+    if is_transposed(module):
         w = w.t()
     module.weight.copy_(w.to(module.weight.dtype))
 
@@ -378,7 +382,7 @@ def split_rows(qw: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
 
 
 def run_layerwise_with_leftovers(model: nn.Module, targets: dict[str, nn.Module], calib, solve: BlockSolver, *,
-                                 scheme, batch_size: int, want_hessian: bool = True, sample_tokens: int = 0,
+                                 schemes: dict[str, Scheme], batch_size: int, want_hessian: bool = True, sample_tokens: int = 0,
                                  float_stats: bool = True, progress: bool = True, report: dict | None = None,
                                  desc: str = "quantize", on_quantized: Callable | None = None
                                  ) -> dict[str, QuantizedWeight]:
@@ -391,12 +395,13 @@ def run_layerwise_with_leftovers(model: nn.Module, targets: dict[str, nn.Module]
     facts = arch_facts(model.config.model_type)
     tokens = calib.tokens if hasattr(calib, "tokens") else torch.as_tensor(calib)
     in_blocks = {n: m for n, m in targets.items() if n.startswith(facts.blocks + ".")}
-    chosen = run_layerwise(model, facts, in_blocks, tokens, solve, batch_size=batch_size, want_hessian=want_hessian,
+    chosen = run_layerwise(model, facts, in_blocks, tokens, solve, schemes, batch_size=batch_size,
+                           want_hessian=want_hessian,
                            sample_tokens=sample_tokens, float_stats=float_stats, progress=progress, report=report,
                            desc=desc, on_quantized=on_quantized)
     outside = [n for n in targets if n not in in_blocks]
     for name in outside:
-        chosen[name] = quantize_weight(scheme, linear_weight(targets[name]))
+        chosen[name] = quantize_weight(schemes[name], linear_weight(targets[name]))
     if outside and report is not None:
         report["rtn_outside_blocks"] = outside
     return chosen

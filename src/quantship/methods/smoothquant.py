@@ -12,8 +12,10 @@ then X' = X / s (folded into the predecessor: a norm's weight/bias or a linear's
 W' = W * s (the linears' input columns), exact in float (methods/fold.py). By default alpha is
 searched per group (`alpha_search`): the grid point minimising the group's output error
 || X W^T - Q_a(X / s) Q_w(W s)^T ||^2 on calibration rows. The smoothed weights are rounded to
-int8 per output channel, by GPTQ against the smoothed inputs' Hessian H / (s s^T) (default,
-`weight_method="gptq"`) or to nearest (`"rtn"`, optionally `clip`), and activations are
+int8 per output channel by a weight quantizer chosen by name (`quantizer`, its params as
+`QUANTIZER.key`): GPTQ against the smoothed inputs' Hessian H / (s s^T) (default, `gptq`, with
+percdamp 0.1 and the Hessian of the float statistics pass) or to nearest (`rtn`, optionally
+with `clip`), and activations are
 quantized to int8 at run time per token (dynamic; default) or with one static per-tensor scale per linear from
 the calibration maxima of X' (`static_act=True`, stored as the layer's `act_scale` buffer).
 
@@ -25,15 +27,16 @@ smooths only the norm-fed groups (`groups="norm"`). Linears without a foldable p
 from the layer-by-layer pipeline (methods/layerwise.py), so block i sees the inputs produced
 by the already-quantized blocks before it.
 
-Mixed precision (`weight_only="down_proj"`): the named linears keep int8 per-channel weights
-but float activations (the `w8` scheme, recorded per module in the manifest); their groups are
-not smoothed. On SmolLM2-135M the down_proj inputs (SiLU(gate) * up) carry the outliers that
+Mixed precision (a w8a8 default with an override, `--override down_proj=w8`): layers given a
+weight-only scheme keep float activations and are rounded to nearest on their scheme (recorded
+per module in the manifest); groups of only such layers are not smoothed. On SmolLM2-135M the down_proj inputs (SiLU(gate) * up) carry the outliers that
 per-token int8 cannot hold even after smoothing (docs/results/methods.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -41,36 +44,41 @@ from ..formats.grid import QuantizedWeight, quantize_weight
 from ..formats.linear import quantize_activations
 from ..formats.scheme import Scheme
 from .fold import expand_to_consumer, fold_input_scale, group_layout, reduce_to_prev
-from .registry import Method, register_method
+from .registry import Method, TransformParams, register_method
 
 
 @dataclass(frozen=True)
-class SmoothQuantParams:
+class SmoothQuantParams(TransformParams):
+    # GPTQ inside SmoothQuant: stronger dampening, and each group's Hessian from the block's float
+    # statistics pass (the smoothing scales are computed from that pass too)
+    QUANTIZER_DEFAULTS: ClassVar[dict] = {"gptq": {"percdamp": 0.1, "true_sequential": False}}
+    RETIRED: ClassVar[dict[str, str]] = {
+        "weight_only": "per-layer schemes are overrides now: keep the w8a8 default and give those layers a "
+                       "weight-only scheme, e.g. --override 'down_proj=w8' (API: overrides={'down_proj': 'w8'})",
+        "weight_method": "the weight quantizer is chosen by name: --param quantizer=rtn or --param quantizer=gptq",
+        "percdamp": "it is GPTQ's own parameter now: --param gptq.percdamp=VALUE",
+    }
+
+    quantizer: str = "gptq"  # rounds the smoothed w8a8 weights: gptq or rtn (its params as QUANTIZER.KEY)
     alpha: float = 0.5  # migration strength: 0 = no smoothing, 1 = all difficulty to the weights
     # per-group alpha search: alpha from alpha_min, alpha_min + alpha_step, ..., alpha_max (plus `alpha`
     # itself) minimising the group's w8a8 output error on calibration rows; `alpha` when off.
-    # On by default with weight_method="gptq": the search moves more of each group's outliers into
-    # the weights and GPTQ absorbs the weight error that costs; neither alone does both
+    # On by default with quantizer gptq: the search moves more of each group's outliers into the
+    # weights and GPTQ absorbs the weight error that costs; neither alone does both
     # (docs/results/methods.md, W8A8)
     alpha_search: bool = True
     alpha_min: float = 0.3
     alpha_max: float = 0.9
     alpha_step: float = 0.05
     sample_tokens: int = 1024  # calibration rows per group kept for the alpha search and clip
-    # how the smoothed int8 weights are rounded: "rtn" (nearest), or "gptq" (GPTQ against the
-    # Hessian of the smoothed inputs, H / (s s^T), with GPTQ's defaults and this percdamp)
-    weight_method: str = "gptq"
-    percdamp: float = 0.1
-    clip: bool = False  # rtn: per-row int8 range shrink minimising the output error on calibration rows
+    clip: bool = False  # quantizer rtn: per-row int8 range shrink minimising the output error on calibration rows
     groups: str = "all"  # "all" foldable groups, or "norm" (only norm-fed groups, as the paper)
     static_act: bool = False  # one calibrated per-tensor activation scale per linear (else per token)
     min_value: float = 1e-5  # floor of max|X_j| and max|W_j| (dead channels)
     batch_size: int = 8  # calibration windows per block forward
-    # comma-separated linear names (e.g. "down_proj") kept int8 weight-only (w8, float activations):
-    # mixed precision for the layers whose inputs keep outliers that smoothing cannot absorb
-    weight_only: str = ""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.groups not in ("all", "norm"):
@@ -80,10 +88,12 @@ class SmoothQuantParams:
         if not 0.0 <= self.alpha_min <= self.alpha_max <= 1.0:
             raise ValueError(f"need 0 <= alpha_min <= alpha_max <= 1, got alpha_min={self.alpha_min}, "
                              f"alpha_max={self.alpha_max}")
-        if self.weight_method not in ("rtn", "gptq"):
-            raise ValueError(f"weight_method must be 'rtn' or 'gptq', got {self.weight_method!r}")
-        if not 0.0 <= self.percdamp < 10.0:
-            raise ValueError(f"percdamp must be in [0, 10), got {self.percdamp}")
+        if self.quantizer == "gptq" and self.quantizer_params.true_sequential:
+            raise ValueError("smoothquant: GPTQ takes each group's Hessian from the block's float statistics pass; "
+                             "gptq.true_sequential must be false")
+        if self.quantizer == "rtn" and self.clip and self.quantizer_params.clip_search:
+            raise ValueError("smoothquant: clip (the output-error clipping search) and rtn.clip_search (the "
+                             "weight-MSE one) both choose the range; keep one")
         if self.alpha_step <= 0 or self.sample_tokens < 1:
             raise ValueError(f"alpha_step must be > 0 and sample_tokens >= 1, got alpha_step={self.alpha_step}, "
                              f"sample_tokens={self.sample_tokens}")
@@ -97,18 +107,7 @@ class SmoothQuantParams:
 
     @property
     def needs_samples(self) -> bool:
-        return self.alpha_search or (self.clip and self.weight_method == "rtn")
-
-    def weight_only_names(self) -> list[str]:
-        return [n.strip() for n in self.weight_only.split(",") if n.strip()]
-
-    def is_weight_only(self, linear_name: str) -> bool:
-        return any(_names_linear(entry, linear_name) for entry in self.weight_only_names())
-
-
-def _names_linear(entry: str, linear_name: str) -> bool:
-    """A weight_only entry names a linear by its full or trailing dotted name ("down_proj", "mlp.down_proj")."""
-    return linear_name == entry or linear_name.endswith("." + entry)
+        return self.alpha_search or (self.clip and self.quantizer == "rtn")
 
 
 def smoothing_scale(act_max: torch.Tensor, w_max: torch.Tensor, alpha: float, floor: float) -> torch.Tensor:
@@ -181,36 +180,40 @@ def _sig(v: float) -> float:
     return float(f"{v:.4g}")
 
 
-def smoothquant_block_solver(scheme: Scheme, params: SmoothQuantParams, report: dict):
+def smoothquant_block_solver(params: SmoothQuantParams, report: dict):
     from ..pipeline import linear_weight
 
     stats_report = report.setdefault("smoothquant", {"groups": {}, "unsmoothed": [], "weight_only": []})
-    weight_only_scheme = replace(scheme, act_bits=None)  # same int8 per-channel weights, float activations
 
     def solve(ctx) -> dict[str, QuantizedWeight]:
+        def weight_only(name: str) -> bool:  # a layer given a weight-only scheme (an override) reads float activations
+            return ctx.schemes[name].act_bits is None
+
         scales: dict[tuple[str, ...], torch.Tensor] = {}
         for group in ctx.groups:  # forward order; folding only rescales, so all scales go in first
             sg = ctx.group_prev.get(group)
             key = f"{ctx.prefix}:{','.join(group)}"
             # weight-only layers read float activations: smoothing would only make their weights harder
             if sg is None or tuple(sg.linears) != group or (params.groups == "norm" and sg.prev_kind != "norm") \
-                    or (params.alpha == 0.0 and not params.alpha_search) or all(params.is_weight_only(n) for n in group):
+                    or (params.alpha == 0.0 and not params.alpha_search) or all(weight_only(n) for n in group):
                 stats_report["unsmoothed"].append(key)
                 continue
+            scheme = next(ctx.schemes[n] for n in group if not weight_only(n))  # the group's w8a8
             scales[group], stats_report["groups"][key] = _smooth_group(ctx, group, sg, scheme, params)
         chosen: dict[str, QuantizedWeight] = {}
         for group in ctx.groups:
             s = scales.get(group)
             act_max = ctx.stats[group].abs_max if s is None else ctx.stats[group].abs_max / s
-            names = [n for n in group if not params.is_weight_only(n)]
+            names = [n for n in group if not weight_only(n)]
             for name in group:
                 if name not in names:
-                    chosen[name] = quantize_weight(weight_only_scheme, linear_weight(ctx.block.get_submodule(name)))
+                    chosen[name] = quantize_weight(ctx.schemes[name], linear_weight(ctx.block.get_submodule(name)))
                     stats_report["weight_only"].append(f"{ctx.prefix}.{name}")
             if not names:
                 continue
             weights = [linear_weight(ctx.block.get_submodule(n)).float() for n in names]
-            for name, qw in zip(names, _round_group(ctx, group, names, weights, s, scheme, params, report)):
+            schemes = [ctx.schemes[n] for n in names]
+            for name, qw in zip(names, _round_group(ctx, group, names, weights, s, schemes, params, report)):
                 if params.static_act:
                     qw.act_scale = (act_max.max().clamp_min(params.min_value) / 127.0).reshape(1)
                 chosen[name] = qw
@@ -219,22 +222,25 @@ def smoothquant_block_solver(scheme: Scheme, params: SmoothQuantParams, report: 
     return solve
 
 
-def _round_group(ctx, group, names, weights, s, scheme: Scheme, params: SmoothQuantParams, report: dict
+def _round_group(ctx, group, names, weights, s, schemes: list[Scheme], params: SmoothQuantParams, report: dict
                  ) -> list[QuantizedWeight]:
-    """Round the smoothed weights of one group's int8 x int8 linears: nearest (optionally with
-    an output-error clip per row), or GPTQ against the smoothed inputs' Hessian H / (s s^T)."""
-    if params.weight_method == "gptq":
-        from .gptq import GPTQParams, quantize_group_gptq
+    """Round the smoothed weights of one group's int8 x int8 linears with the quantizer: GPTQ
+    against the smoothed inputs' Hessian H / (s s^T), or nearest (optionally with an output-error
+    clip per row, else rtn with its own params)."""
+    if params.quantizer == "gptq":
+        from .gptq import quantize_group_gptq
 
         h = ctx.stats[group].mean_hessian()
         h = h if s is None else h / torch.outer(s, s)
-        return quantize_group_gptq(weights, h, scheme, GPTQParams(percdamp=params.percdamp),
+        return quantize_group_gptq(weights, h, schemes, params.quantizer_params,
                                    [f"{ctx.prefix}.{n}" for n in names], report)
+    from .rtn import rtn_quantize_weight
+
     if not params.clip:
-        return [quantize_weight(scheme, w) for w in weights]
+        return [rtn_quantize_weight(w, scheme, params.quantizer_params) for w, scheme in zip(weights, schemes)]
     x = ctx.stats[group].sample()
     x = x if s is None else x / s  # (T, in): the inputs the smoothed weights see
-    return [quantize_weight(scheme, w, output_clip_ratio(w, x, scheme)) for w in weights]
+    return [quantize_weight(scheme, w, output_clip_ratio(w, x, scheme)) for w, scheme in zip(weights, schemes)]
 
 
 @torch.no_grad()
@@ -246,21 +252,17 @@ def output_clip_ratio(w: torch.Tensor, x: torch.Tensor, scheme: Scheme, grid: in
     return best_clip_ratio(scheme, w, grid, clip_min, lambda d: (x @ d.t()).pow(2).sum(0).unsqueeze(1))
 
 
-def run(model, targets, scheme: Scheme, params: SmoothQuantParams, calib, *, progress: bool = True,
+def run(model, targets, schemes: dict[str, Scheme], params: SmoothQuantParams, calib, *, progress: bool = True,
         report: dict | None = None) -> dict[str, QuantizedWeight]:
+    from ..pipeline import schemes_label
     from .layerwise import run_layerwise_with_leftovers
 
     report = report if report is not None else {}
-    for entry in params.weight_only_names():
-        if not any(_names_linear(entry, name) for name in targets):
-            leaf_names = sorted({name.rsplit(".", 1)[-1] for name in targets})
-            raise ValueError(f"smoothquant weight_only={entry!r} matches no layer to quantize; "
-                             f"linear names here: {', '.join(leaf_names)}")
     chosen = run_layerwise_with_leftovers(
-        model, targets, calib, smoothquant_block_solver(scheme, params, report), scheme=scheme,
-        batch_size=params.batch_size, want_hessian=params.weight_method == "gptq", progress=progress,
+        model, targets, calib, smoothquant_block_solver(params, report), schemes=schemes,
+        batch_size=params.batch_size, want_hessian=params.quantizer == "gptq", progress=progress,
         report=report, sample_tokens=params.sample_tokens if params.needs_samples else 0,
-        desc=f"smoothquant {scheme.name}")
+        desc=f"smoothquant+{params.quantizer} {schemes_label(schemes)}")
     _summarise(report.get("smoothquant", {}))
     return chosen
 
@@ -295,6 +297,11 @@ register_method(Method(
     needs_calibration=True,
     run=run,
     supports=supports,
-    description="SmoothQuant: fold activation outliers into weights, int8 weights x int8 activations (w8a8 only)",
-    schemes="w8a8 only (for weight-only schemes use rtn, hqq, gptq or awq)",
+    # a layer may be kept weight-only by an override (mixed precision: --override down_proj=w8)
+    supports_override=lambda scheme: True,
+    quantizer_rounds=lambda scheme: scheme.act_bits is not None,  # weight-only layers are rounded to nearest
+    description="SmoothQuant: fold activation outliers into weights, int8 weights x int8 activations (w8a8), "
+                "then a weight quantizer (gptq default, or rtn)",
+    schemes="w8a8 as the default scheme (overrides may keep layers weight-only; for weight-only models use rtn, "
+            "hqq, gptq or awq)",
 ))

@@ -43,6 +43,24 @@ def read_config(path: Path) -> dict:
         raise ValueError(f"{path / 'config.json'} is not valid JSON: {e}") from e
 
 
+def context_length(config: dict) -> int | None:
+    """The model's maximum context in tokens, from its config (None when the config does not say)."""
+    config = config.get("text_config", config)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def check_context(name_or_path: str | Path, ctx: int, *, log=print) -> None:
+    """Refuse a window longer than the model's context, before any weights are loaded."""
+    path = resolve_model(name_or_path, log=log)
+    limit = context_length(read_config(path))
+    if limit is not None and ctx > limit:
+        raise ValueError(f"--ctx {ctx} exceeds the context of {name_or_path} ({limit} tokens, "
+                         f"max_position_embeddings in its config.json); choose --ctx <= {limit}")
+
+
 def is_artifact(path: Path) -> bool:
     return (path / ARTIFACT_MANIFEST).is_file()
 

@@ -68,17 +68,23 @@ def kld_table(report, name: str) -> Table:
 
 
 def quant_table(manifest: dict, path: str) -> Table:
-    table = Table(title=f"{path}: {manifest['scheme']} / {manifest['method']['name']}", header_style="bold")
+    """One row per (layer kind, scheme): a kind whose layers got different schemes (per-layer
+    overrides) has a row per scheme, with the bpw of its first layer of that scheme."""
+    overrides = "".join(f", {p}={s}" for p, s in manifest.get("overrides") or [])
+    method = manifest["method"]
+    quantizer = method.get("params", {}).get("quantizer")
+    title = f"{path}: {manifest['scheme']}{overrides} / {method['name']}" + (f" ({quantizer})" if quantizer else "")
+    table = Table(title=title, header_style="bold")
     table.add_column("layers")
     table.add_column("scheme")
     table.add_column("bpw", justify="right")
     table.add_column("bytes", justify="right")
-    groups: dict[str, list] = {}
+    groups: dict[tuple[str, str], list] = {}
     for name, info in manifest["modules"].items():
         key = name.split(".")[-1] if "." in name else name
-        groups.setdefault(key, []).append(info)
-    for key, infos in groups.items():
-        table.add_row(f"{key} x{len(infos)}", infos[0]["scheme"], f"{infos[0]['bits_per_weight']:.3f}",
+        groups.setdefault((key, info["scheme"]), []).append(info)
+    for (key, scheme), infos in groups.items():
+        table.add_row(f"{key} x{len(infos)}", scheme, f"{infos[0]['bits_per_weight']:.3f}",
                       fmt_bytes(sum(i["storage_bytes"] for i in infos)))
     bpw = manifest["bits_per_weight"]
     table.add_row("[bold]quantized layers[/]", "", f"{bpw['quantized_layers']:.3f}", "")
