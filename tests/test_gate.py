@@ -4,7 +4,6 @@ straddles the limit included), the gate's reuse checks, the CLI's exit codes."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
 import yaml
@@ -12,7 +11,7 @@ import yaml
 from quantship.cli import main as cli
 from quantship.evaluate.results import (DeltaPStats, ECEStats, EvalReport, EvalSettings, KLDStats, ModelRef,
                                         PplStats, SuiteResult, TaskResults, TokenScores)
-from quantship.gate.budget import (DEFAULT_TEMPLATE, TOP_KEYS, Budget, BudgetError, load_budget, parse_budget)
+from quantship.gate.budget import DEFAULT_TEMPLATE, TOP_KEYS, BudgetError, load_budget, parse_budget
 from quantship.gate.decide import Evidence, decide
 
 

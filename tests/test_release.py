@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from quantship.cli import main as cli
-from quantship.gate.release import RecipeError, load_recipe, run_release
+from quantship.gate.release import load_recipe, run_release
 
 QUIET = dict(progress=False, log=lambda *a, **k: None)
 

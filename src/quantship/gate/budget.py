@@ -27,7 +27,7 @@ Parsing is strict: an unknown key is an error naming it and listing the valid on
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
