@@ -13,7 +13,7 @@ Recipe (YAML; docs/gate.md):
       - {scheme: w8, method: rtn}
       - {scheme: w4g64, method: gptq, params: {percdamp: 0.01}, overrides: {down_proj: w8}}
 
-Run folder: RUN_DIR/rungs/NN-SCHEME-METHOD-KEY/{artifact/, eval.json, bench.json, gate.json}, the
+Run folder: RUN_DIR/rungs/SCHEME-METHOD-KEY/{artifact/, eval.json, bench.json, gate.json}, the
 baseline's bench in RUN_DIR/baseline/, and RUN_DIR/decision.json. KEY hashes the rung's inputs (source
 model sha256, quantization spec, eval and bench settings, quantship version): a rerun of the same
 recipe finds every finished rung and reuses it; a changed input gets a new folder. Every file is
@@ -196,9 +196,10 @@ def run_release(recipe_path: str | Path, run_dir: str | Path, *, progress: bool 
     base = model_identity(recipe.model, log=log)
     rungs, chosen = [], None
     t_start = time.perf_counter()
-    for i, rung in enumerate(recipe.ladder):
+    for rung in recipe.ladder:
         key = rung_key(base["sha256"], rung, recipe.budget)
-        folder = run_dir / "rungs" / f"{i:02d}-{_slug(rung.spec.scheme)}-{_slug(rung.spec.method)}-{key[:12]}"
+        # no ladder position in the name: a reordered or extended ladder finds its finished rungs too
+        folder = run_dir / "rungs" / f"{_slug(rung.spec.scheme)}-{_slug(rung.spec.method)}-{key[:12]}"
         record = run_rung(recipe, rung, folder, key, base, run_dir, progress=progress, log=log)
         rungs.append(record)
         if record["passed"]:
