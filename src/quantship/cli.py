@@ -114,6 +114,42 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--seed", type=int, default=0)
     h.add_argument("--json", help="write the metrics as JSON")
     h.set_defaults(func=cmd_harness)
+
+    bud = sub.add_parser("budget", help="error budgets").add_subparsers(metavar="ACTION")
+    bi = bud.add_parser("init", help="write the default budget template (docs/gate.md)")
+    bi.add_argument("-o", "--out", default="budget.yaml")
+    bi.add_argument("--force", action="store_true", help="replace an existing file")
+    bi.set_defaults(func=cmd_budget_init)
+
+    g = sub.add_parser("gate", help="judge a candidate against its baseline under an error budget (exit 0 pass, "
+                                    "1 fail, 2 could not decide)")
+    g.add_argument("baseline", help="built-in name, HF folder or artifact")
+    g.add_argument("candidate", help="artifact (or any model folder)")
+    g.add_argument("--budget", required=True, help="budget YAML (quantship budget init writes a template)")
+    g.add_argument("--eval-json", action="append", default=[], help="reuse this `quantship eval --json` file")
+    g.add_argument("--bench-json", action="append", default=[],
+                   help="reuse this `quantship bench --json` file (repeatable: baseline and candidate) or a gate's")
+    g.add_argument("--json", help="write the decision as JSON")
+    g.add_argument("--max-windows", type=int, default=None, help="override the budget's eval.max_windows")
+    g.add_argument("--limit", type=int, default=None, help="override the budget's eval.limit (items per suite)")
+    g.add_argument("--text", action="append", default=None, help="override the budget's eval.texts (repeatable)")
+    g.set_defaults(func=cmd_gate)
+
+    r = sub.add_parser("release", help="walk a recipe's ladder of candidates; ship the first that holds the budget")
+    r.add_argument("recipe", help="recipe YAML (docs/gate.md)")
+    r.add_argument("-o", "--out", required=True, help="run folder (rerun: finished rungs are reused)")
+    r.set_defaults(func=cmd_release)
+
+    rp = sub.add_parser("reproduce", help="re-quantize an artifact from its manifest and compare every tensor "
+                                          "(exit 0 identical, 1 different)")
+    rp.add_argument("artifact")
+    rp.add_argument("--json", help="write the comparison as JSON")
+    rp.set_defaults(func=cmd_reproduce)
+
+    rep = sub.add_parser("report", help="a release run as one self-contained HTML page and a markdown summary")
+    rep.add_argument("run_dir")
+    rep.add_argument("-o", "--out", default=None, help="HTML file (default RUN_DIR/report.html); report.md beside it")
+    rep.set_defaults(func=cmd_report)
     return p
 
 
@@ -342,6 +378,91 @@ def cmd_harness(args) -> int:
         atomic_write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
+
+def cmd_budget_init(args) -> int:
+    from .fsutil import atomic_write_text
+    from .gate.budget import DEFAULT_TEMPLATE
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        print(f"error: {out} already exists; pass --force to replace it", file=sys.stderr)
+        return 1
+    atomic_write_text(out, DEFAULT_TEMPLATE)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_gate(args) -> int:
+    """Exit 0 pass, 1 fail, 2 could not decide."""
+    from .gate.budget import BudgetError, load_budget
+    from .gate.run import GateError, run_gate
+    from .gate.table import gate_table
+    from .report import console
+
+    try:
+        budget = load_budget(args.budget)
+        overrides = {"max_windows": args.max_windows, "limit": args.limit,
+                     "texts": tuple(args.text) if args.text else None}
+        result = run_gate(args.baseline, args.candidate, budget, eval_json=args.eval_json, bench_json=args.bench_json,
+                          eval_overrides=overrides)
+    except (BudgetError, GateError, ValueError, OSError, RuntimeError) as e:
+        print(f"error: could not decide: {e}", file=sys.stderr)
+        return 2
+    decision = result.decision
+    console.print(gate_table(decision, f"gate: {args.candidate} vs {args.baseline} ({args.budget})"))
+    if args.json:
+        from .fsutil import atomic_write_json
+
+        atomic_write_json(args.json, result.to_json())
+        print(f"wrote {args.json}")
+    if decision.passed:
+        print(f"PASS: all {len(decision.terms)} terms hold")
+        return 0
+    print(f"FAIL: {', '.join(t.name for t in decision.failed)}")
+    return 1
+
+
+def cmd_release(args) -> int:
+    from .gate.budget import BudgetError
+    from .gate.release import RecipeError, run_release
+    from .gate.run import GateError
+
+    try:
+        decision = run_release(args.recipe, args.out)
+    except (RecipeError, BudgetError, GateError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if decision["chosen"] else 1
+
+
+def cmd_reproduce(args) -> int:
+    from .gate.reproduce import ReproduceError, reproduce
+
+    try:
+        result = reproduce(args.artifact)
+    except ReproduceError as e:
+        print(f"error: cannot reproduce: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        from .fsutil import atomic_write_json
+
+        atomic_write_json(args.json, result)
+    if result["identical"]:
+        print(f"IDENTICAL: {result['tensors']} tensors byte-identical ({args.artifact})")
+        return 0
+    print(f"DIFFERENT: {len(result['differ'])} of {result['tensors']} tensors differ")
+    for d in result["differ"][:20]:
+        print(f"  {d['name']}: {d['why']}")
+    return 1
+
+
+def cmd_report(args) -> int:
+    from .report.html import write_reports
+
+    html, md = write_reports(args.run_dir, args.out)
+    print(f"wrote {html}\nwrote {md}")
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
