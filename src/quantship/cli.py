@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("artifact")
     v.set_defaults(func=cmd_verify)
 
+    x = sub.add_parser("export", help="export an artifact to another runtime's format, verified through its reader")
+    x.add_argument("artifact", help="quantship artifact folder")
+    x.add_argument("--to", required=True, metavar="TARGET", help="compressed-tensors, gptq or gguf (see docs/export.md)")
+    x.add_argument("-o", "--out", required=True, help="export folder")
+    x.add_argument("--force", action="store_true", help="replace an existing export folder")
+    x.set_defaults(func=cmd_export)
+
     e = sub.add_parser("eval", help="compare candidate(s) with the baseline: perplexity and KL divergence")
     e.add_argument("baseline")
     e.add_argument("candidates", nargs="+")
@@ -224,6 +231,17 @@ def cmd_verify(args) -> int:
         print(f"FAILED: {e}", file=sys.stderr)
         return 1
     print(f"OK {args.artifact}: {len(manifest['files'])} files verified, content sha256 {manifest['content_sha256']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import EXPORT_MANIFEST, export
+    from .export.base import read_export_manifest
+
+    out = export(args.artifact, args.to, args.out, force=args.force)
+    manifest = read_export_manifest(out)
+    print(f"wrote {out} ({args.to}; {len(manifest['tensors'])} quantized layers mapped exactly; "
+          f"manifest {EXPORT_MANIFEST}, content sha256 {manifest['content_sha256'][:16]}…)")
     return 0
 
 
