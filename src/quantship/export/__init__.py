@@ -55,9 +55,11 @@ def _load_builtin_writers() -> None:
     from . import compressed_tensors, gguf_writer, gptq  # noqa: F401  (each registers itself)
 
 
-def export(artifact: str | Path, to: str, out: str | Path, *, force: bool = False, log=print) -> Path:
+def export(artifact: str | Path, to: str, out: str | Path, *, force: bool = False, log=print,
+           public_key: str | Path | None = None) -> Path:
     """Export `artifact` to target `to` in folder `out`; returns the folder. Nothing is left at `out`
-    unless every weight read back through the target's reader equals quantship's bit for bit."""
+    unless every weight read back through the target's reader equals quantship's bit for bit. With
+    `public_key`, the source artifact must carry a valid signature by that key."""
     from ..fsutil import atomic_dir, atomic_write_json, is_empty_dir
 
     started = time.perf_counter()
@@ -67,7 +69,7 @@ def export(artifact: str | Path, to: str, out: str | Path, *, force: bool = Fals
         if not force:
             raise FileExistsError(f"{out} already exists; pass --force to replace it")
     check_export_replaceable(out, source=artifact)
-    src = SourceArtifact.open(artifact)
+    src = SourceArtifact.open(artifact, public_key=public_key)
     mapping = writer.plan(src)
     with atomic_dir(out, overwrite=force or is_empty_dir(out)) as tmp:
         extra = writer.write(src, tmp, mapping) or {}

@@ -71,15 +71,15 @@ class SourceArtifact:
     tokenizer: object = field(repr=False, default=None)
 
     @classmethod
-    def open(cls, path: str | Path) -> "SourceArtifact":
-        """Verify (digests, manifest, tensor headers) and load a quantship artifact."""
+    def open(cls, path: str | Path, public_key: str | Path | None = None) -> "SourceArtifact":
+        """Verify (digests, manifest, tensor headers; the signature with `public_key`) and load an artifact."""
         from safetensors import safe_open
 
         from ..artifact import load_artifact, verify_artifact
 
         path = Path(path)
         manifest = verify_artifact(path)
-        model, tokenizer = load_artifact(path)
+        model, tokenizer = load_artifact(path, public_key=public_key)
         modules = {}
         for name, info in manifest["modules"].items():
             layer = model.get_submodule(name)
@@ -227,6 +227,33 @@ def read_export_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def verify_export(path: str | Path) -> dict:
+    """An export's own digests: manifest_sha256, every listed file's sha256, no unlisted file."""
+    from ..artifact import content_hash
+    from ..fsutil import sha256_file
+    from ..signing import SIGNATURE
+
+    path = Path(path)
+    manifest = read_export_manifest(path)
+    problems = []
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    if sha256_bytes(canonical_json(body).encode()) != manifest.get("manifest_sha256"):
+        problems.append(f"{EXPORT_MANIFEST}: manifest_sha256 does not match the manifest (the manifest was edited)")
+    for rel, digest in sorted(manifest["files"].items()):
+        file = path / rel
+        if not file.is_file():
+            problems.append(f"{rel}: missing")
+        elif sha256_file(file) != digest:
+            problems.append(f"{rel}: sha256 mismatch (the file was changed after it was written)")
+    present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {EXPORT_MANIFEST, SIGNATURE}
+    problems += [f"{rel}: not listed in {EXPORT_MANIFEST}" for rel in sorted(present - set(manifest["files"]))]
+    if content_hash(manifest["files"]) != manifest.get("content_sha256"):
+        problems.append(f"{EXPORT_MANIFEST}: content_sha256 does not match its file list")
+    if problems:
+        raise ExportError(f"export {path} failed verification: " + "; ".join(problems))
+    return manifest
+
+
 def check_export_replaceable(target: str | Path, *, source: Path) -> None:
     """`--force` replaces only an export quantship wrote (nothing but its listed files), never the source.
 
@@ -251,7 +278,9 @@ def check_export_replaceable(target: str | Path, *, source: Path) -> None:
     except ExportError as e:
         raise FileExistsError(f"{target} is not a valid quantship export ({e}); {refuse}") from None
     present = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
-    foreign = sorted(present - set(manifest["files"]) - {EXPORT_MANIFEST})
+    from ..signing import SIGNATURE
+
+    foreign = sorted(present - set(manifest["files"]) - {EXPORT_MANIFEST, SIGNATURE})
     if foreign:
         raise FileExistsError(f"{target} holds files quantship did not write ({', '.join(foreign[:3])}"
                               f"{' ...' if len(foreign) > 3 else ''}); --force will not delete them. "
