@@ -54,8 +54,10 @@ def test_compressed_tensors_round_trip_is_bit_exact(artifacts, tmp_path, arch, s
     manifest = read_export_manifest(out)
     assert manifest["source_artifact"]["content_sha256"] == json.loads((src / "quantship.json").read_text())[
         "content_sha256"]
-    assert manifest["verification"]["passed"] and manifest["verification"]["weights"]["bit_exact"]
-    assert manifest["verification"]["logits"]["kld_mean"] < 1e-4
+    verification = manifest["verification"]
+    assert verification["passed"] and verification["weights"]["bit_exact"]
+    assert verification["transformers"]["weights"]["bit_exact"]
+    assert verification["transformers"]["logits"]["kld_mean"] < 1e-4
     # independently of the writer's own check: decompress each layer with the library's compressor
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     state = load_file(str(out / "model.safetensors"))
@@ -85,6 +87,23 @@ def test_compressed_tensors_config_groups_and_formats(artifacts, tmp_path):
     assert q["format"] == "pack-quantized"
     assert group["weights"]["num_bits"] == 4 and group["weights"]["group_size"] == 64
     assert group["weights"]["strategy"] == "group" and group["weights"]["symmetric"] is True
+
+
+def test_per_layer_schemes_map_layer_by_layer(tiny_models, tmp_path):
+    """Each module's own scheme decides its mapping: SmoothQuant W8A8 with down_proj kept weight-only int8
+    gives two config groups (int-quantized + pack-quantized); GPTQ (one scheme per checkpoint) refuses."""
+    src = quantship.quantize(str(tiny_models["llama"]), "w8a8", method="smoothquant", out=tmp_path / "mixed",
+                             method_params={"weight_only": "down_proj"}, calib_samples=4, calib_seqlen=32, **QUIET)
+    out = export(src, "compressed-tensors", tmp_path / "ct", log=lambda *a: None)
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["format"] == "mixed-precision"
+    formats = {g["format"]: g["targets"] for g in q["config_groups"].values()}
+    assert set(formats) == {"int-quantized", "pack-quantized"}
+    assert all(t.endswith("down_proj") for t in formats["pack-quantized"])
+    verification = read_export_manifest(out)["verification"]
+    assert verification["passed"] and verification["weights"]["weights_compared"] == 14
+    with pytest.raises(ExportError, match="w8a8"):
+        export(src, "gptq", tmp_path / "g", log=lambda *a: None)
 
 
 def test_negative_scales_are_kept_exactly(artifacts):
