@@ -15,7 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
+
+# benchmarks/kernels.py would shadow the `kernels` package transformers imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 from types import SimpleNamespace
 
 import numpy as np
