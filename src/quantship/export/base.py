@@ -102,10 +102,15 @@ class SourceArtifact:
 
     def float_linear_names(self) -> list[str]:
         """Linear layers of the model kept in float (lm_head without --quantize-head, --ignore matches)."""
-        from ..pipeline import is_linear_like
-
         return [name for name, m in self.model.named_modules()
                 if name and name not in self.modules and is_linear_like(m)]
+
+
+def is_linear_like(module) -> bool:
+    """nn.Linear, or transformers' Conv1D (GPT-2: the same layer with its weight stored transposed)."""
+    from torch import nn
+
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
 def refuse_unmappable(target: str, src: SourceArtifact, reason_of) -> None:

@@ -89,7 +89,7 @@ def plan(src: SourceArtifact) -> dict:
 def _check_linear(src: SourceArtifact) -> None:
     from torch import nn
 
-    from ..pipeline import is_linear_like
+    from .base import is_linear_like
 
     # QuantLinear replaced the layers in the loaded model: inspect a weightless model built from the config
     from accelerate import init_empty_weights
