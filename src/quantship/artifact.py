@@ -28,6 +28,7 @@ from .formats.linear import QuantLinear
 from .formats.scheme import parse_scheme
 from .fsutil import atomic_dir, atomic_write_json, canonical_json, hash_tree, sha256_bytes, sha256_file
 from .models.builtin import SOURCE_MANIFEST
+from .signing import SIGNATURE  # quantship sign's signature file: beside the listed files, covers them all
 
 MANIFEST = "quantship.json"
 SCHEMA_VERSION = 2
@@ -107,7 +108,7 @@ def check_replaceable(target: str | Path, *, source: str | Path | None = None) -
     except ArtifactError as e:
         raise FileExistsError(f"{target} is not a valid quantship artifact ({e}); {refuse}") from None
     present = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
-    foreign = sorted(present - set(manifest["files"]) - {MANIFEST})
+    foreign = sorted(present - set(manifest["files"]) - {MANIFEST, SIGNATURE})
     if foreign:
         raise FileExistsError(f"{target} holds files quantship did not write ({', '.join(foreign[:3])}"
                               f"{' ...' if len(foreign) > 3 else ''}); --force will not delete them. "
@@ -309,7 +310,7 @@ def verify_artifact(path: str | Path) -> dict:
             problems.append(f"{rel}: missing")
         elif sha256_file(file) != digest:
             problems.append(f"{rel}: sha256 mismatch (the file was changed after it was written)")
-    present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {MANIFEST}
+    present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {MANIFEST, SIGNATURE}
     for rel in sorted(present - set(listed)):
         problems.append(f"{rel}: not listed in {MANIFEST}")
     if content_hash(listed) != manifest["content_sha256"]:
@@ -320,16 +321,25 @@ def verify_artifact(path: str | Path) -> dict:
     return manifest
 
 
-def load_artifact(path: str | Path, *, dtype: torch.dtype = torch.float32, verify: bool = True):
+def load_artifact(path: str | Path, *, dtype: torch.dtype = torch.float32, verify: bool = True,
+                  public_key: str | Path | None = None):
     """-> (model, tokenizer). Verifies hashes first and refuses a tampered artifact; the manifest's
     module table is cross-checked against the model's config and the stored tensors' shapes and
-    dtypes before any tensor is used."""
+    dtypes before any tensor is used. With `public_key`, the artifact must also carry a valid
+    signature by that key (quantship sign), else ArtifactError."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from accelerate import init_empty_weights
 
     path = Path(path)
-    manifest = verify_artifact(path) if verify else read_manifest(path)
+    manifest = verify_artifact(path) if verify or public_key else read_manifest(path)
+    if public_key is not None:
+        from .signing import SignatureError, verify_signature
+
+        try:
+            verify_signature(path, public_key)
+        except SignatureError as e:
+            raise ArtifactError(f"refusing {path} (a signature is required): {e}") from None
     weights = path / "model.safetensors"
     header = _tensor_header(weights)
     try:

@@ -64,15 +64,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="replace an existing output folder")
     q.set_defaults(func=cmd_quantize)
 
-    v = sub.add_parser("verify", help="check an artifact's schema and sha256 of every file")
+    v = sub.add_parser("verify", help="check an artifact's (or export's) schema and sha256 of every file")
     v.add_argument("artifact")
+    v.add_argument("--key", metavar="KEY.pub", help="also check its signature by this public key (quantship sign)")
     v.set_defaults(func=cmd_verify)
+
+    x = sub.add_parser("export", help="export an artifact to another runtime's format, verified through its reader")
+    x.add_argument("artifact", help="quantship artifact folder")
+    x.add_argument("--to", required=True, metavar="TARGET", help="compressed-tensors, gptq or gguf (see docs/export.md)")
+    x.add_argument("-o", "--out", required=True, help="export folder")
+    x.add_argument("--force", action="store_true", help="replace an existing export folder")
+    x.add_argument("--require-signature", metavar="KEY.pub", help="refuse the artifact unless signed by this key")
+    x.set_defaults(func=cmd_export)
+
+    sg = sub.add_parser("sign", help="sign an artifact or export folder (OpenSSF model-signing, offline EC key)")
+    sg.add_argument("folder", help="quantship artifact or export folder")
+    sg.add_argument("--key", required=True, metavar="KEY.priv", help="PEM elliptic-curve private key")
+    sg.set_defaults(func=cmd_sign)
 
     e = sub.add_parser("eval", help="compare candidate(s) with the baseline: perplexity and KL divergence")
     e.add_argument("baseline")
     e.add_argument("candidates", nargs="+")
     add_eval_options(e)
     e.add_argument("--json", help="write the report(s) as JSON")
+    e.add_argument("--require-signature", metavar="KEY.pub",
+                   help="every candidate must be a quantship artifact signed by this key")
     e.set_defaults(func=cmd_eval)
 
     pl = sub.add_parser("plan", help="memory plan: weights, KV cache, the largest batch x context that fits")
@@ -268,13 +284,41 @@ def cmd_quantize(args) -> int:
 
 def cmd_verify(args) -> int:
     from .artifact import ArtifactError, verify_artifact
+    from .export.base import EXPORT_MANIFEST, ExportError, verify_export
+    from .signing import SignatureError, verify_signature
 
     try:
-        manifest = verify_artifact(args.artifact)
-    except ArtifactError as e:
+        if (Path(args.artifact) / EXPORT_MANIFEST).is_file():
+            manifest = verify_export(args.artifact)
+        else:
+            manifest = verify_artifact(args.artifact)
+        if args.key:
+            verify_signature(args.artifact, args.key)
+    except (ArtifactError, ExportError, SignatureError) as e:
         print(f"FAILED: {e}", file=sys.stderr)
         return 1
-    print(f"OK {args.artifact}: {len(manifest['files'])} files verified, content sha256 {manifest['content_sha256']}")
+    signed = f", signature by {args.key} verified" if args.key else ""
+    print(f"OK {args.artifact}: {len(manifest['files'])} files verified{signed}, "
+          f"content sha256 {manifest['content_sha256']}")
+    return 0
+
+
+def cmd_sign(args) -> int:
+    from .signing import sign
+
+    path = sign(args.folder, args.key)
+    print(f"signed {args.folder}: {path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import EXPORT_MANIFEST, export
+    from .export.base import read_export_manifest
+
+    out = export(args.artifact, args.to, args.out, force=args.force, public_key=args.require_signature)
+    manifest = read_export_manifest(out)
+    print(f"wrote {out} ({args.to}; {len(manifest['tensors'])} quantized layers mapped exactly; "
+          f"manifest {EXPORT_MANIFEST}, content sha256 {manifest['content_sha256'][:16]}…)")
     return 0
 
 
@@ -307,6 +351,12 @@ def cmd_eval(args) -> int:
     from .evaluate.run import evaluate_models
     from .report import console, eval_table
 
+    if args.require_signature:  # before any model is loaded: every candidate signed by this key
+        from .models.load import resolve_model
+        from .signing import verify_signature
+
+        for candidate in args.candidates:
+            verify_signature(resolve_model(candidate), args.require_signature)
     reports = evaluate_models(args.baseline, args.candidates, _eval_spec(args), items_dir=args.items_dir)
     _print_reports(reports)
     console.print(eval_table(reports, title=f"{args.baseline} vs candidates (ctx {args.ctx}, second half scored)"))

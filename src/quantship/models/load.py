@@ -117,8 +117,10 @@ def check_finite_state(model: torch.nn.Module, where: Path) -> None:
     check_finite(dict(model.state_dict()), what=f"model {where} cannot be used")
 
 
-def load_model(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, log=print):
-    """-> (model, tokenizer). Quantship artifacts are verified and loaded with QuantLinear layers.
+def load_model(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, log=print,
+               public_key: str | Path | None = None):
+    """-> (model, tokenizer). Quantship artifacts are verified and loaded with QuantLinear layers;
+    with `public_key` only an artifact signed by that key is accepted (quantship sign).
 
     A Hugging Face folder is loaded from safetensors only, and refused (naming the tensors) if any
     weight is NaN or Inf: quantizing such a model would write non-finite scales."""
@@ -128,7 +130,10 @@ def load_model(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, 
     if is_artifact(path):
         from ..artifact import load_artifact
 
-        return load_artifact(path, dtype=dtype)
+        return load_artifact(path, dtype=dtype, public_key=public_key)
+    if public_key is not None:
+        raise ValueError(f"{path} is not a quantship artifact, so it carries no quantship signature; a required "
+                         f"signature accepts only signed artifacts (quantship sign ARTIFACT --key KEY.priv)")
     weight_files(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
