@@ -62,6 +62,11 @@ class SearchSpec:
             raise ValueError("give exactly one of --max-bpw (bits budget) or --budget (quality budget)")
         if self.max_bpw is not None and not (math.isfinite(self.max_bpw) and self.max_bpw > 0):
             raise ValueError(f"--max-bpw must be a positive number, got {self.max_bpw}")
+        cheapest = min(self.schemes, key=lambda sc: sc.bits)
+        if self.max_bpw is not None and self.max_bpw < cheapest.bits:
+            raise ValueError(f"--max-bpw {self.max_bpw} is below the cheapest rung of the ladder: {cheapest.name} stores "
+                             f"{cheapest.bits} bits per weight in its codes alone; raise --max-bpw or add a cheaper "
+                             f"rung to --ladder")
         if self.max_kld is not None and not (math.isfinite(self.max_kld) and self.max_kld > 0):
             raise ValueError(f"the budget's kld_mean must be positive, got {self.max_kld}")
         if self.sensitivity not in SENSITIVITIES:
@@ -205,7 +210,8 @@ def run_search(spec: SearchSpec, *, out: str | Path | None = None, overwrite: bo
     from ..models.load import load_model, resolve_model
     from ..pipeline import find_targets
     from ..specs import QuantSpec
-    from .sensitivity import Reference, fisher_diagonal, fisher_table, group_bits, kld_table, layer_groups
+    from .sensitivity import (Reference, _weight, fisher_diagonal, fisher_table, group_bits, kld_table,
+                              layer_groups)
 
     started = time.perf_counter()
     method = get_method(spec.method)
@@ -223,6 +229,11 @@ def run_search(spec: SearchSpec, *, out: str | Path | None = None, overwrite: bo
     schemes = sorted(spec.schemes, key=lambda s: -sum(group_bits(g, targets, s) or 0 for g in groups))
     rungs = [s.name for s in schemes]
     bits = [[group_bits(g, targets, s) for s in schemes] for g in groups]
+    for group, row in zip(groups, bits):
+        if all(b is None for b in row):
+            widths = sorted({int(_weight(targets[n]).shape[1]) for n in group.layers})
+            raise ValueError(f"no rung of --ladder {','.join(rungs)} can store {group.name} (input width "
+                             f"{widths}: a group size must divide it); add a rung it fits, e.g. w8")
     weights = sum(g.weights for g in groups)
     floor = sum(min(b for b in row if b is not None) for row in bits) / weights
     if spec.max_bpw is not None and spec.max_bpw * weights < floor * weights:
