@@ -64,9 +64,9 @@ class SearchSpec:
             raise ValueError(f"--max-bpw must be a positive number, got {self.max_bpw}")
         cheapest = min(self.schemes, key=lambda sc: sc.bits)
         if self.max_bpw is not None and self.max_bpw < cheapest.bits:
-            raise ValueError(f"--max-bpw {self.max_bpw} is below the cheapest rung of the ladder: {cheapest.name} stores "
-                             f"{cheapest.bits} bits per weight in its codes alone; raise --max-bpw or add a cheaper "
-                             f"rung to --ladder")
+            raise ValueError(f"--max-bpw {self.max_bpw} is below the cheapest rung of the ladder: {cheapest.name} "
+                             f"stores {cheapest.bits} bits per weight in its codes alone; raise --max-bpw or add a "
+                             f"cheaper rung to --ladder")
         if self.max_kld is not None and not (math.isfinite(self.max_kld) and self.max_kld > 0):
             raise ValueError(f"the budget's kld_mean must be positive, got {self.max_kld}")
         if self.sensitivity not in SENSITIVITIES:
