@@ -1,7 +1,7 @@
 """Mixed-precision search vs uniform schemes and a llama.cpp-style rule mix, on held-out text.
 
     PYTHONPATH=src python benchmarks/search.py [--model smollm2-135m] [--max-bpw 4.25] [--method rtn]
-        [--ctx 256] [--max-windows 20] [--validate-blocks 0,14,29] [--json docs/results/search.json]
+        [--ctx 256] [--max-windows 8] [--validate-blocks 0,29] [--json docs/results/search.json]
 
 1. `run_search` (default ladder w8,w4g64,nf4g64,w3g64, Fisher sensitivity on 8 x 128 calibration
    tokens from the calibration splits) under --max-bpw; its wall time.
@@ -112,9 +112,12 @@ def main() -> int:
     p.add_argument("--max-bpw", type=float, default=4.25)
     p.add_argument("--method", default="rtn")
     p.add_argument("--ctx", type=int, default=256)
-    p.add_argument("--max-windows", type=int, default=20)
-    p.add_argument("--validate-blocks", default="0,14,29", help="blocks whose groups validate the proxy ('' = skip)")
+    p.add_argument("--max-windows", type=int, default=8)
+    p.add_argument("--validate-blocks", default="0,29", help="blocks whose groups validate the proxy ('' = skip)")
     p.add_argument("--validate-samples", type=int, default=4)
+    p.add_argument("--validate-rungs", default="w4g64,nf4g64,w3g64", help="rungs measured in the validation")
+    p.add_argument("--over-budget-rule", action="store_true",
+                   help="also score the Q4_K_M-like rule mix without the gate/up demotion (more bits than the budget)")
     p.add_argument("--json", default="docs/results/search.json")
     args = p.parse_args()
     from quantship.artifact import environment
@@ -141,8 +144,9 @@ def main() -> int:
         "search mix": (default, list(overrides)),
         "w4g64": ("w4g64", []), "nf4g64": ("nf4g64", []), "w4": ("w4", []),
         "llama.cpp rule, equal bits": ("w4g64", rule_overrides(n_layers, True)),
-        "llama.cpp rule (Q4_K_M-like)": ("w4g64", rule_overrides(n_layers, False)),
     }
+    if args.over_budget_rule:
+        candidates["llama.cpp rule (Q4_K_M-like)"] = ("w4g64", rule_overrides(n_layers, False))
     out["eval"] = {"text": "news eval split", "ctx": args.ctx, "max_windows": args.max_windows,
                    "scored_tokens": len(scorer.windows) * (args.ctx - args.ctx // 2 - 1), "rows": {}}
     for name, (scheme, ov) in candidates.items():
@@ -179,17 +183,19 @@ def main() -> int:
         ref = Reference(model, build_calibration(qs, model, tokenizer).tokens)
         rtn = get_method("rtn")
         from quantship.formats.scheme import parse_scheme
-        measured = kld_table(model, targets, groups, [parse_scheme(r) for r in found.rungs], ref,
+        rungs = [r for r in found.rungs if r in args.validate_rungs.split(",")]
+        cols = [found.rungs.index(r) for r in rungs]
+        measured = kld_table(model, targets, groups, [parse_scheme(r) for r in rungs], ref,
                              rtn.quantize_weight, rtn.make_params({}), progress=False)
-        proxy = [found.loss[g] for g in idx]
+        proxy = [[found.loss[g][c] for c in cols] for g in idx]
         a = [v for row in measured for v in row]
         b = [v for row in proxy for v in row]
         within = [spearman(m, f) for m, f in zip(zip(*measured), zip(*proxy))]  # per rung, across groups
-        out["validation"] = {"blocks": sorted(blocks), "groups": [g.name for g in groups], "rungs": found.rungs,
+        out["validation"] = {"blocks": sorted(blocks), "groups": [g.name for g in groups], "rungs": rungs,
                              "calib_tokens": args.validate_samples * spec.calib_seqlen,
                              "measured": measured, "proxy": proxy, "spearman_all": spearman(a, b),
-                             "spearman_per_rung": dict(zip(found.rungs, within)),
-                             "measured_forwards": len(groups) * len(found.rungs),
+                             "spearman_per_rung": dict(zip(rungs, within)),
+                             "measured_forwards": len(groups) * len(rungs),
                              "wall_s": round(time.perf_counter() - t0, 1)}
         print("validation", out["validation"]["spearman_all"], out["validation"]["spearman_per_rung"], flush=True)
         save()
