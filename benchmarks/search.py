@@ -111,6 +111,8 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--max-bpw", type=float, default=4.25)
     p.add_argument("--method", default="rtn")
+    p.add_argument("--ladder", default=",".join(SearchSpec.__dataclass_fields__["ladder"].default))
+    p.add_argument("--only-mix", action="store_true", help="score only the search's mix (the anchors from another run)")
     p.add_argument("--ctx", type=int, default=256)
     p.add_argument("--max-windows", type=int, default=8)
     p.add_argument("--validate-blocks", default="0,29", help="blocks whose groups validate the proxy ('' = skip)")
@@ -128,7 +130,7 @@ def main() -> int:
     def save():
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
 
-    spec = SearchSpec(model=args.model, max_bpw=args.max_bpw, method=args.method)
+    spec = SearchSpec(model=args.model, max_bpw=args.max_bpw, method=args.method, ladder=tuple(args.ladder.split(",")))
     started = time.perf_counter()
     found = run_search(spec, progress=False)
     out["search"] = {"wall_s": round(time.perf_counter() - started, 1), "timings": found.timings,
@@ -145,6 +147,8 @@ def main() -> int:
         "w4g64": ("w4g64", []), "nf4g64": ("nf4g64", []), "w4": ("w4", []),
         "llama.cpp rule, equal bits": ("w4g64", rule_overrides(n_layers, True)),
     }
+    if args.only_mix:
+        candidates = {"search mix": candidates["search mix"]}
     if args.over_budget_rule:
         candidates["llama.cpp rule (Q4_K_M-like)"] = ("w4g64", rule_overrides(n_layers, False))
     out["eval"] = {"text": "news eval split", "ctx": args.ctx, "max_windows": args.max_windows,
@@ -162,9 +166,10 @@ def main() -> int:
         save()
     rows = out["eval"]["rows"]
     anchors = [r for n, r in rows.items() if n != "search mix" and r["bpw"] <= args.max_bpw + 1e-9]
-    best = min(anchors, key=lambda r: r["kld_mean"])
-    out["eval"]["ratio_to_best_anchor_at_budget"] = rows["search mix"]["kld_mean"] / best["kld_mean"]
-    save()
+    if anchors:
+        best = min(anchors, key=lambda r: r["kld_mean"])
+        out["eval"]["ratio_to_best_anchor_at_budget"] = rows["search mix"]["kld_mean"] / best["kld_mean"]
+        save()
 
     if args.validate_blocks:
         from quantship.calib import build_calibration
