@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="replace an existing output folder")
     q.set_defaults(func=cmd_quantize)
 
+    s = sub.add_parser("search", help="mixed precision: a scheme per layer group under a bits or quality budget")
+    _add_search_options(s)
+    s.set_defaults(func=cmd_search)
+
     v = sub.add_parser("verify", help="check an artifact's (or export's) schema and sha256 of every file")
     v.add_argument("artifact")
     v.add_argument("--key", metavar="KEY.pub", help="also check its signature by this public key (quantship sign)")
@@ -167,6 +171,32 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("-o", "--out", default=None, help="HTML file (default RUN_DIR/report.html); report.md beside it")
     rep.set_defaults(func=cmd_report)
     return p
+
+
+def _add_search_options(s: argparse.ArgumentParser) -> None:
+    from .search.loop import SearchSpec
+
+    def d(name):
+        return default_of(SearchSpec, name)
+
+    s.add_argument("model", help="built-in name or local Hugging Face folder")
+    s.add_argument("--ladder", default=",".join(d("ladder")), metavar="LIST",
+                   help="schemes a layer group may take, comma-separated (default %(default)s)")
+    s.add_argument("--method", default=d("method"), help="how the chosen mix is quantized (rtn, hqq, gptq, ...)")
+    s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable)")
+    target = s.add_mutually_exclusive_group(required=True)
+    target.add_argument("--max-bpw", type=float, help="bits budget: the quantized layers' bits per weight")
+    target.add_argument("--budget", metavar="YAML", help="quality budget file (kld_mean: the least bits that hold it)")
+    s.add_argument("--calib", default=d("calib"), help="calibration data spec (default: news:0.7,code:0.3 calib splits)")
+    s.add_argument("--calib-samples", type=int, default=d("calib_samples"))
+    s.add_argument("--calib-seqlen", type=int, default=d("calib_seqlen"))
+    s.add_argument("--sensitivity", default=d("sensitivity"), help="fisher (proxy, one backward per sample) or kld "
+                                                                   "(measured: one forward per group x rung)")
+    s.add_argument("--max-iters", type=int, default=d("max_iters"), help="quantize-measure-promote iterations")
+    s.add_argument("--seed", type=int, default=d("seed"))
+    s.add_argument("-o", "--out", help="artifact folder of the chosen mix (default: ./out/<model>-search-<method>)")
+    s.add_argument("--force", action="store_true", help="replace an existing output folder")
+    s.add_argument("--json", help="write the search (sensitivities, iterations, per-layer table) as JSON")
 
 
 def _add_bench_options(b: argparse.ArgumentParser) -> None:
@@ -280,6 +310,32 @@ def cmd_quantize(args) -> int:
     print(f"wrote {path} (content sha256 {manifest['content_sha256'][:16]}…, "
           f"quantized in {manifest['timings']['quantize_s']:.1f} s)")
     return 0
+
+
+def cmd_search(args) -> int:
+    from .fsutil import atomic_write_json
+    from .search.budget import read_kld_budget
+    from .search.loop import SearchSpec, run_search
+    from .specs import parse_method_params
+
+    spec = SearchSpec(model=args.model, ladder=tuple(args.ladder.split(",")), method=args.method,
+                      method_params=parse_method_params(args.param), max_bpw=args.max_bpw,
+                      max_kld=read_kld_budget(args.budget) if args.budget else None, calib=args.calib,
+                      calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, sensitivity=args.sensitivity,
+                      max_iters=args.max_iters, seed=args.seed)
+    out = args.out or str(Path("out") / f"{Path(args.model).name}-search-{args.method}")
+    result = run_search(spec, out=out, overwrite=args.force)
+    final = result.final
+    counts = ", ".join(f"{n} x{c}" for n, c in final.to_json(result.rungs, result.groups)["schemes"].items())
+    print(f"chosen mix (iteration {final.index}): {final.bits_per_weight:.4f} bits per weight, predicted KLD "
+          f"{final.predicted:.5f}, measured {final.measured:.5f}; layers: {counts}")
+    if spec.max_kld is not None and not final.holds:
+        print(f"no mix of the ladder held kld_mean <= {spec.max_kld}; wrote the closest", file=sys.stderr)
+    if args.json:
+        atomic_write_json(args.json, result.to_json())
+        print(f"wrote {args.json}")
+    print(f"wrote {result.artifact} (search took {result.timings['wall_s']:.1f} s)")
+    return 0 if final.holds or spec.max_bpw is not None else 1
 
 
 def cmd_verify(args) -> int:
