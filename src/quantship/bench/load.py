@@ -1,7 +1,8 @@
 """Load generation against an Engine, in-process: closed loop (fixed concurrency) or open loop (arrivals).
 
-The engine is synchronous (`step()` blocks), so the driver interleaves: admit every request
-whose arrival time has come, run one step, record each token's timestamp. A request that
+The driver owns the engine's bare core (no loop thread between it and `step()`) and interleaves:
+admit every request whose arrival time has come, run one step, record each token's timestamp.
+Time inside the prefill and decode forwards comes from the engine's step hook. A request that
 "arrives" while a step runs is admitted after it; its TTFT still counts from its scheduled
 arrival, as a real server's clients would see it.
 
@@ -13,7 +14,6 @@ arrival, as a real server's clients would see it.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .metrics import RequestTiming
@@ -21,7 +21,7 @@ from .metrics import RequestTiming
 
 @dataclass
 class StepTimes:
-    """Time spent inside the engine's prefill and decode forwards (filled by `timed_forward`)."""
+    """Time spent inside the engine's prefill and decode forwards (filled from its step hook)."""
 
     prefill_s: float = 0.0
     prefill_tokens: int = 0
@@ -30,34 +30,16 @@ class StepTimes:
     decode_tokens: int = 0
     batch_sizes: list[int] = field(default_factory=list)
 
-
-@contextmanager
-def timed_forward(engine):
-    """Wrap engine.forward.prefill/decode to accumulate their wall time; restored on exit."""
-    f, stats = engine.forward, StepTimes()
-    prefill, decode = f.prefill, f.decode
-
-    def timed_prefill(ids, cache, slot):
-        t0 = time.perf_counter()
-        out = prefill(ids, cache, slot)
-        stats.prefill_s += time.perf_counter() - t0
-        stats.prefill_tokens += int(ids.shape[0])
-        return out
-
-    def timed_decode(ids, positions, cache):
-        t0 = time.perf_counter()
-        out = decode(ids, positions, cache)
-        stats.decode_s += time.perf_counter() - t0
-        stats.decode_steps += 1
-        stats.decode_tokens += int(ids.shape[0])
-        stats.batch_sizes.append(int(ids.shape[0]))
-        return out
-
-    f.prefill, f.decode = timed_prefill, timed_decode
-    try:
-        yield stats
-    finally:
-        del f.prefill, f.decode  # back to the class methods
+    def __call__(self, step) -> None:
+        """The step hook: accumulate one forward (an engine StepInfo)."""
+        if step.kind == "prefill":
+            self.prefill_s += step.duration_s
+            self.prefill_tokens += step.tokens
+        else:
+            self.decode_s += step.duration_s
+            self.decode_steps += 1
+            self.decode_tokens += step.tokens
+            self.batch_sizes.append(step.batch_size)
 
 
 def run_load(engine, prompts: list[list[int]], output_lens: list[int], *, concurrency: int | None = None,
@@ -87,7 +69,8 @@ def run_load(engine, prompts: list[list[int]], output_lens: list[int], *, concur
         rid = engine.add_request(prompts[i], params, request_id=f"bench-{i}")
         arrival[rid], index[rid], tokens[rid] = at, i, []
 
-    with timed_forward(engine) as stats:
+    stats = StepTimes()
+    with engine.step_hook(stats):
         start = time.perf_counter()
         while pending or engine.has_unfinished():
             now = time.perf_counter()

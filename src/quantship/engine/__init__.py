@@ -1,6 +1,7 @@
-"""Inference engine: our own llama-family forward, preallocated KV cache, continuous batching."""
+"""Inference engine: our own llama-family forward, preallocated KV cache, continuous batching, one owner thread."""
 
 from .engine import Engine
-from .params import SamplingParams, TokenEvent
+from .loop import EngineDeadError, RequestStream
+from .params import RequestOutput, SamplingParams, StepInfo, TokenEvent
 
-__all__ = ["Engine", "SamplingParams", "TokenEvent"]
+__all__ = ["Engine", "EngineDeadError", "RequestOutput", "RequestStream", "SamplingParams", "StepInfo", "TokenEvent"]

@@ -1,4 +1,5 @@
-"""Per-request sampling parameters and the token events the engine emits."""
+"""Per-request sampling parameters, the token events the engine emits, a finished request's output,
+and what a step hook receives."""
 
 from __future__ import annotations
 
@@ -38,11 +39,45 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
 @dataclass
 class TokenEvent:
     request_id: str
-    token_id: int
-    text: str  # the newly decoded text of this token (stop strings excluded)
+    token_id: int | None  # None only on the event that ends a cancelled request (it carries no token)
+    text: str  # the text this token completes (held back while a UTF-8 character is incomplete; stop strings excluded)
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | None
+    finish_reason: str | None  # one of FINISH_REASONS on the last event, else None
     time: float  # time.perf_counter() when produced
+    nonfinite_logits: int = 0  # the request's count so far of positions whose logits held a NaN or an infinity
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """A finished request: what a stream's `result()` returns."""
+
+    request_id: str
+    prompt_tokens: int
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str  # one of FINISH_REASONS
+    nonfinite_logits: int  # positions whose logits held a NaN or an infinity (0 for a healthy model)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a step hook (`Engine.add_step_hook`) receives after each forward of the engine.
+
+    kind         "prefill" (one request's prompt) or "decode" (one token for every running request)
+    batch_size   requests in the forward: 1 for a prefill, the running requests for a decode
+    tokens       tokens the forward processed: the prompt's length for a prefill, batch_size for a decode
+    duration_s   wall time of the forward alone (sampling and detokenization excluded)
+    start        time.perf_counter() when the forward started
+    """
+
+    kind: str
+    batch_size: int
+    tokens: int
+    duration_s: float
+    start: float
