@@ -167,7 +167,6 @@ class Server:
         m.shadow_tokens.labels(*labels).inc(r.tokens)
         if r.nonfinite_candidate:
             m.nonfinite.labels(*labels, "shadow").inc(r.nonfinite_candidate)
-        self.rollout.record_shadow(r)
 
     def shutdown(self) -> None:
         if self.shadow is not None:
@@ -461,6 +460,9 @@ def create_app(server: Server):
             async for ev in server.router.generate(prompt_ids, params, answer, rid):
                 if on_event is not None:
                     await on_event(ev)
+        except asyncio.CancelledError:  # the client left: the stream's exit cancelled the engine request
+            answer.finish_reason = answer.finish_reason or "cancelled"
+            raise
         except BaseException:
             error = True
             raise

@@ -81,7 +81,17 @@ def parse_live_budget(data) -> LiveBudget:
     unknown = sorted(set(data) - set(valid))
     if unknown:
         raise ValueError(f"unknown live budget term(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
-    return LiveBudget(**data)
+    return LiveBudget(**{k: _number(v) for k, v in data.items()})
+
+
+def _number(value):
+    """YAML 1.1 (PyYAML) reads `1e-6` (no dot) as a string: take such strings as the numbers they spell."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def load_live_budget(path: str | Path) -> LiveBudget:

@@ -129,15 +129,19 @@ class ShadowRunner:
                 return
             self.busy = True
             try:
-                result = compare_served(self.baseline, self.candidate, job.prompt_ids, job.output_ids, job.served_by)
-            except Exception as e:  # noqa: BLE001 - a failed comparison is counted and logged, never fatal
-                self.failed += 1
-                log.warning("shadow comparison failed: %s: %s", type(e).__name__, e)
-                self.on_drop("failed")
-                job.on_done(None)
-            else:
-                self.done += 1
-                self.on_result(result)
-                job.on_done(result)
+                try:
+                    result = compare_served(self.baseline, self.candidate, job.prompt_ids, job.output_ids,
+                                            job.served_by)
+                except Exception as e:  # noqa: BLE001 - a failed comparison is counted and logged, never fatal
+                    self.failed += 1
+                    log.warning("shadow comparison failed: %s: %s", type(e).__name__, e)
+                    self.on_drop("failed")
+                    job.on_done(None)
+                else:
+                    self.done += 1
+                    self.on_result(result)
+                    job.on_done(result)
+            except Exception:  # noqa: BLE001 - a failing callback must not end the shadow thread
+                log.exception("shadow result handling failed")
             finally:
                 self.busy = False
