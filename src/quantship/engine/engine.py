@@ -149,13 +149,15 @@ class Engine:
 
     def add_step_hook(self, hook: Callable[[StepInfo], None]) -> None:
         """Call `hook(StepInfo)` after every forward (in the thread that steps). A hook that raises stops the
-        engine like any other exception inside a step."""
-        self._hooks = (*self._hooks, hook)
+        engine like any other exception inside a step. Thread-safe: the stepping thread reads one snapshot."""
+        with self._box.cv:
+            self._hooks = (*self._hooks, hook)
 
     def remove_step_hook(self, hook: Callable[[StepInfo], None]) -> None:
-        hooks = list(self._hooks)
-        hooks.remove(hook)
-        self._hooks = tuple(hooks)
+        with self._box.cv:
+            hooks = list(self._hooks)
+            hooks.remove(hook)
+            self._hooks = tuple(hooks)
 
     @contextmanager
     def step_hook(self, hook: Callable[[StepInfo], None]):
@@ -175,7 +177,8 @@ class Engine:
         return self
 
     def shutdown(self, timeout: float | None = None) -> None:
-        """Stop the loop thread: requests in flight end with finish_reason "cancelled"; joins the thread.
+        """Stop the loop thread: requests in flight (generate()'s included) end with finish_reason "cancelled";
+        joins the thread.
         The bare core (or a later `start()`) can use the engine afterwards."""
         box = self._box
         with box.cv:
