@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import re
 import socket
 import subprocess
 import sys
@@ -306,6 +304,83 @@ def phase_overhead(args, work: Path) -> dict:
     return res
 
 
+def phase_combined(args, work: Path) -> dict:
+    """norollback, kld, load and overhead on one server (fp32 baseline + w8 candidate): loading both models
+    twice (engine + reference copy) takes minutes on a busy 2-core host, so they share one start."""
+    from transformers import AutoTokenizer
+
+    (work / "live.yaml").write_text("".join(f"{k}: {v}\n" for k, v in BUDGET.items()))
+    tok = AutoTokenizer.from_pretrained(s_path(args.baseline))
+    res = {}
+    admin = lambda body: httpx.post(s.url + "/admin/rollout", json=body, timeout=30)  # noqa: E731
+
+    def drain():
+        deadline = time.time() + 600
+        while s.rollout()["shadow_queue"]["pending"] and time.time() < deadline:
+            time.sleep(0.5)
+
+    with Serve("--baseline", args.baseline, "--candidate", args.w8, "--canary", "10", "--shadow", "100",
+               "--budget", str(work / "live.yaml"), "--shadow-queue", "1000", "--max-batch", "32",
+               "--served-model-name", "x", log=work / "combined.log") as s:
+        res["load_s"] = s.load_s
+        # 1. same budget as the w2g64 run: 200 requests, no rollback expected
+        t0 = time.time()
+        prompts = news_prompts(tok, 200, 48)
+        out = asyncio.run(_post_all(s.url, [{"prompt": p, "max_tokens": 16, "temperature": 0} for p in prompts], 4))
+        drain()
+        snap = s.rollout()
+        res["norollback"] = {"requests_sent": len(out), "errors": sum(o["status"] != 200 for o in out),
+                             "state": snap["state"], "totals": snap["totals"],
+                             "closed_windows": snap["closed_windows"][-3:], "wall_s": time.time() - t0,
+                             "budget": BUDGET, "shadow_queue": snap["shadow_queue"]}
+        print("norollback", json.dumps(res["norollback"], default=str)[:1500], flush=True)
+        # 2. live shadow KLD vs quantship eval on the served text
+        admin({"canary": 0, "shadow": 100})
+        m0 = s.metrics()
+        n, half = args.kld_requests, 64
+        kp = news_prompts(tok, n + 300, half)[300:]
+        bodies = [{"prompt": p, "max_tokens": half, "temperature": 0, "ignore_eos": True, "logprobs": 0} for p in kp]
+        kout = asyncio.run(_post_all(s.url, bodies, 4))
+        drain()
+        m1 = s.metrics()
+        ksum = metric_value(m1, "quantship_shadow_kld_sum") - metric_value(m0, "quantship_shadow_kld_sum")
+        kcnt = metric_value(m1, "quantship_shadow_kld_count") - metric_value(m0, "quantship_shadow_kld_count")
+        res["kld"] = {"requests": n, "shadowed": kcnt, "live_shadow_kld_mean": ksum / kcnt, "outputs": [
+            o["body"]["choices"][0]["logprobs"]["tokens"] for o in kout], "prompts": kp}
+        # 3. load: 32 clients for 60 s, all answered by the candidate (w8), no shadow
+        admin({"canary": 100, "shadow": 0})
+        timed_load(s.url, kp[:4], 5, 4, 4)
+        load_prompts = news_prompts(tok, 256, 64)
+        res["load"] = timed_load(s.url, load_prompts, args.load_seconds, 32, 32)
+        print("load", json.dumps(res["load"], default=str)[:1500], flush=True)
+        # 4. shadow overhead on the candidate's TTFT (canary 100: the baseline is scored on candidate answers)
+        for shadow in (0, 100, 0, 100):
+            admin({"shadow": shadow})
+            r = timed_load(s.url, load_prompts, args.overhead_seconds, 8, 16)
+            r["shadow_queue"] = s.rollout()["shadow_queue"]
+            res.setdefault("overhead", {}).setdefault(f"shadow_{shadow}", []).append(
+                {k: r[k] for k in ("completed", "errors", "ttft_s", "tpot_s", "output_tok_s", "shadow_queue")})
+            drain()
+        print("overhead", json.dumps(res["overhead"], default=str)[:2500], flush=True)
+    # the eval side of 2, after the server is gone
+    seqs, exact = [], 0
+    for p, toks in zip(res["kld"].pop("prompts"), res["kld"].pop("outputs")):
+        full = tok.decode(p, clean_up_tokenization_spaces=False) + "".join(toks)
+        exact += len(tok(full, add_special_tokens=False)["input_ids"]) == 2 * half
+        seqs.append(full)
+    text_file = work / "served.txt"
+    text_file.write_text("".join(seqs))
+    report = work / "eval.json"
+    subprocess.run([sys.executable, "-m", "quantship.cli", "eval", args.baseline, args.w8, "--text", str(text_file),
+                    "--ctx", str(2 * half), "--max-windows", "0", "--json", str(report)], check=True,
+                   stdout=open(work / "kld-eval.log", "w"), stderr=subprocess.STDOUT)
+    eval_kld = _find_kld(json.loads(report.read_text()))
+    res["kld"].update(eval_kld_mean=eval_kld, sequences_round_trip_exact=exact,
+                      text_tokens=len(tok(text_file.read_text(), add_special_tokens=False)["input_ids"]),
+                      relative_diff=abs(res["kld"]["live_shadow_kld_mean"] - eval_kld) / eval_kld)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--baseline", default="smollm2-135m")
@@ -335,6 +410,8 @@ def main() -> None:
             r = phase_load(args, work)
         elif ph == "overhead":
             r = phase_overhead(args, work)
+        elif ph == "combined":
+            r = phase_combined(args, work)
         else:
             raise SystemExit(f"unknown phase {ph}")
         r["phase_wall_s"] = time.time() - t0

@@ -362,7 +362,6 @@ def score_tokens(worker, ids: list[int], first: int, top: int) -> tuple[list[flo
     logp = torch.log_softmax(worker.logits(ids), -1)  # (T, V): row t predicts ids[t + 1]
     token_lp: list[float | None] = []
     tops: list = []
-    tok = worker.tokenizer
     for pos in range(first, len(ids)):
         if pos == 0:
             token_lp.append(None)
