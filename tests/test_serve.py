@@ -268,3 +268,16 @@ def test_lm_eval_local_completions_loglikelihood_matches_in_process(chat_model):
         greedy_ref = all(int(logp[p - 1].argmax()) == ids[p] for p in range(len(c_ids), len(ids)))
         assert ll == pytest.approx(expected, abs=1e-3) and greedy == greedy_ref
         assert math.isfinite(ll)
+
+
+def test_cli_serve_refuses_bad_arguments_before_loading(capsys, tmp_path):
+    from quantship.cli import main
+
+    assert main(["serve"]) == 1 and "give a model" in capsys.readouterr().err
+    assert main(["serve", "m", "--baseline", "b"]) == 1 and "not both" in capsys.readouterr().err
+    assert main(["serve", "m", "--budget", "x.yaml"]) == 1 and "needs a --candidate" in capsys.readouterr().err
+    bad = tmp_path / "live.yaml"
+    bad.write_text("kld_mean: 1\n")
+    assert main(["serve", "--baseline", "b", "--candidate", "c", "--budget", str(bad)]) == 1
+    assert "unknown live budget term" in capsys.readouterr().err
+    assert main(["serve", "m", "--canary", "120"]) == 1 and "percentage" in capsys.readouterr().err
