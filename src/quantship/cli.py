@@ -109,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plan)
 
     b = sub.add_parser("bench", help="speed and memory on the engine: single stream, or load at a concurrency/rate")
-    b.add_argument("model", help="built-in name, HF folder or quantship artifact")
+    b.add_argument("model", nargs="?", help="built-in name, HF folder or quantship artifact (with --url: only its "
+                   "tokenizer is used; default: the served model's)")
+    b.add_argument("--url", help="measure a running OpenAI-compatible server over HTTP instead (load modes)")
+    b.add_argument("--api-key-file", help="with --url: file holding the server's API key")
     _add_bench_options(b)
     b.set_defaults(func=cmd_bench)
 
@@ -170,6 +173,28 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir")
     rep.add_argument("-o", "--out", default=None, help="HTML file (default RUN_DIR/report.html); report.md beside it")
     rep.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible server: one model, or a baseline and a candidate under a "
+                       "guarded rollout (canary, shadow, live budget, rollback)")
+    s.add_argument("model", nargs="?", help="built-in name, HF folder or quantship artifact (one-model mode)")
+    s.add_argument("--baseline", help="rollout mode: the model answering by default")
+    s.add_argument("--candidate", help="rollout mode: the model being rolled out")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key-file", help="file holding the API key clients send as 'Authorization: Bearer KEY'")
+    s.add_argument("--admin-key-file", help="file holding the key of the /admin routes (default: the API key)")
+    s.add_argument("--canary", type=float, default=10.0, help="percent of requests answered by the candidate")
+    s.add_argument("--shadow", type=float, default=0.0, help="percent of requests also scored on the other model")
+    s.add_argument("--sticky-header", help="request header whose value pins a user to one side (hashed)")
+    s.add_argument("--budget", help="live budget YAML: breaches roll the candidate back")
+    s.add_argument("--state-dir", help="where the rollout state is kept (restored on restart)")
+    s.add_argument("--max-batch", type=int, default=16, help="requests decoded together per engine")
+    s.add_argument("--max-seq-len", type=int, default=None, help="context per request (default: the model's, <= 2048)")
+    s.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429")
+    s.add_argument("--shadow-queue", type=int, default=64, help="shadow comparisons waiting before new ones are dropped")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    s.add_argument("--served-model-name", help="the model id clients use (default: the baseline folder's name)")
+    s.set_defaults(func=cmd_serve)
     return p
 
 
@@ -197,6 +222,29 @@ def _add_search_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("-o", "--out", help="artifact folder of the chosen mix (default: ./out/<model>-search-<method>)")
     s.add_argument("--force", action="store_true", help="replace an existing output folder")
     s.add_argument("--json", help="write the search (sensitivities, iterations, per-layer table) as JSON")
+
+
+def cmd_serve(args) -> int:
+    from .serve.app import ServeConfig, read_key_file, serve
+    from .serve.live_budget import load_live_budget
+
+    if args.model and (args.baseline or args.candidate):
+        raise ValueError("give MODEL, or --baseline B --candidate C, not both")
+    baseline = args.model or args.baseline
+    if not baseline:
+        raise ValueError("give a model to serve: quantship serve MODEL, or --baseline B --candidate C")
+    if args.candidate is None and args.budget:
+        raise ValueError("--budget needs a --candidate (the live budget watches a rollout)")
+    config = ServeConfig(
+        baseline=baseline, candidate=args.candidate, host=args.host, port=args.port,
+        api_key=read_key_file(args.api_key_file), admin_key=read_key_file(args.admin_key_file),
+        canary=args.canary, shadow=args.shadow, sticky_header=args.sticky_header,
+        budget=load_live_budget(args.budget) if args.budget else None, state_dir=args.state_dir,
+        max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
+        shadow_queue=args.shadow_queue, max_body_bytes=args.max_body_bytes,
+        served_model_name=args.served_model_name)
+    serve(config)
+    return 0
 
 
 def _add_bench_options(b: argparse.ArgumentParser) -> None:
@@ -455,6 +503,10 @@ def cmd_bench(args) -> int:
     from .report import console
     from .specs import BenchSpec
 
+    if args.url:
+        return _bench_http(args)
+    if not args.model:
+        raise ValueError("give a model to benchmark, or --url of a running server")
     spec = BenchSpec(model=args.model, concurrency=args.concurrency, request_rate=args.request_rate,
                      num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
                      range_ratio=args.range_ratio, kv=args.kv, max_batch=args.max_batch, repeats=args.repeats,
@@ -468,6 +520,28 @@ def cmd_bench(args) -> int:
         atomic_write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
+
+
+def _bench_http(args) -> int:
+    import json
+
+    from .bench.http import run_http_bench
+    from .serve.app import read_key_file
+    from .specs import BenchSpec
+
+    spec = BenchSpec(model=args.model or args.url, concurrency=args.concurrency, request_rate=args.request_rate,
+                     num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+                     range_ratio=args.range_ratio, warmup=args.warmup, slo=args.slo, seed=args.seed)
+    result = run_http_bench(args.url, spec, api_key=read_key_file(args.api_key_file), model=args.model)
+    keys = ("completed", "failed", "duration_s", "request_throughput", "output_tok_s", "ttft_s", "tpot_s", "itl_s",
+            "e2e_s")
+    print(json.dumps({k: result.get(k) for k in keys}, indent=1))
+    if args.json:
+        from .fsutil import atomic_write_json
+
+        atomic_write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 1 if result["failed"] else 0
 
 
 def cmd_harness(args) -> int:
