@@ -96,7 +96,7 @@ def test_unsigned_and_foreign_signed_are_refused(tiny_models, signed, keys, tmp_
     assert "not signed" in capsys.readouterr().err and not (tmp_path / "g").exists()
     assert cli(["eval", str(tiny_models["llama"]), str(tiny_models["llama"]), "--require-signature",
                 str(keys["ours"][1]), "--max-windows", "1", "--ctx", "16"]) == 1
-    assert "not a quantship artifact" in capsys.readouterr().err
+    assert "neither a quantship artifact" in capsys.readouterr().err  # checked before any model loads
 
 
 def test_signed_export_verifies_the_same_way(signed, keys, tmp_path, capsys):

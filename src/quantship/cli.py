@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_search_options(s: argparse.ArgumentParser) -> None:
-    from .search.loop import SearchSpec
+    from .search.spec import SearchSpec
 
     def d(name):
         return default_of(SearchSpec, name)

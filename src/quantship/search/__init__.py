@@ -7,8 +7,17 @@ assign.py       the multiple-choice knapsack: least predicted loss under a bits 
 loop.py         quantize the chosen mix, measure it, promote the worst groups, repeat
 """
 
-from .assign import Assignment, brute_force, solve_max_bits, solve_min_bits
-from .loop import SearchResult, SearchSpec, run_search
+import importlib
+
+_HOME = {"Assignment": "assign", "brute_force": "assign", "solve_max_bits": "assign", "solve_min_bits": "assign",
+         "SearchResult": "loop", "run_search": "loop", "SearchSpec": "spec"}
 
 __all__ = ["Assignment", "SearchResult", "SearchSpec", "brute_force", "run_search", "solve_max_bits",
            "solve_min_bits"]
+
+
+def __getattr__(name: str):
+    # the loop imports torch; the CLI's parser reads only the spec
+    if name in _HOME:
+        return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..formats.scheme import Scheme
 from ..models.arch import arch_facts, is_transposed
 
-SENSITIVITIES = ("fisher", "kld")
+from .spec import SENSITIVITIES  # noqa: E402,F401
 
 
 @dataclass(frozen=True)
