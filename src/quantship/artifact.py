@@ -87,28 +87,38 @@ def check_replaceable(target: str | Path, *, source: str | Path | None = None) -
     """`--force` may replace only a quantship artifact that holds nothing else, never the source model.
 
     An empty folder may always be used. Raises FileExistsError saying why the folder is refused."""
+    check_replaceable_folder(target, source=source, what="artifact", source_what="model being quantized",
+                             manifest_name=MANIFEST, listed_files=lambda t: read_manifest(t)["files"],
+                             errors=(ArtifactError,))
+
+
+def check_replaceable_folder(target: str | Path, *, source, what: str, source_what: str, manifest_name: str,
+                             listed_files, errors: tuple[type[Exception], ...]) -> None:
+    """The rule for every folder quantship writes (artifacts, exports): replace it only if it is one of
+    ours (a valid manifest) holding nothing but its listed files (and a signature), never `source`."""
     target = Path(target).expanduser()
     if not target.exists():
         return
     if not target.is_dir():
-        raise FileExistsError(f"{target} is a file, not an artifact folder; --force replaces only a quantship "
-                              f"artifact folder. Choose another output or remove the file yourself")
+        raise FileExistsError(f"{target} is a file, not a quantship {what} folder; --force replaces only such "
+                              f"folders. Choose another output or remove the file yourself")
     if source is not None:
         src, tgt = Path(source).resolve(), target.resolve()
         if src == tgt or tgt in src.parents:
-            raise FileExistsError(f"{target} is (or contains) the source model {source}; --force never replaces "
-                                  f"the model being quantized. Choose another output folder")
+            raise FileExistsError(f"{target} is (or contains) the source {source_what.split()[0]} {source}; "
+                                  f"--force never replaces "
+                                  f"the {source_what}. Choose another output folder")
     if not any(target.iterdir()):
         return
     refuse = "--force replaces only folders quantship wrote. Choose another output or move the folder yourself"
-    if not (target / MANIFEST).is_file():
-        raise FileExistsError(f"{target} is not a quantship artifact (it has no {MANIFEST}); {refuse}")
+    if not (target / manifest_name).is_file():
+        raise FileExistsError(f"{target} is not a quantship {what} (it has no {manifest_name}); {refuse}")
     try:
-        manifest = read_manifest(target)
-    except ArtifactError as e:
-        raise FileExistsError(f"{target} is not a valid quantship artifact ({e}); {refuse}") from None
+        listed = set(listed_files(target))
+    except errors as e:
+        raise FileExistsError(f"{target} is not a valid quantship {what} ({e}); {refuse}") from None
     present = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
-    foreign = sorted(present - set(manifest["files"]) - {MANIFEST, SIGNATURE})
+    foreign = sorted(present - listed - {manifest_name, SIGNATURE})
     if foreign:
         raise FileExistsError(f"{target} holds files quantship did not write ({', '.join(foreign[:3])}"
                               f"{' ...' if len(foreign) > 3 else ''}); --force will not delete them. "

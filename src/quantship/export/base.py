@@ -260,36 +260,13 @@ def verify_export(path: str | Path) -> dict:
 
 
 def check_export_replaceable(target: str | Path, *, source: Path) -> None:
-    """`--force` replaces only an export quantship wrote (nothing but its listed files), never the source.
+    """`--force` replaces only an export quantship wrote (nothing but its listed files), never the source;
+    an empty folder may be used (the rule of artifact.check_replaceable)."""
+    from ..artifact import check_replaceable_folder
 
-    The same rules as artifact.check_replaceable, for export folders; an empty folder may be used."""
-    target = Path(target).expanduser()
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise FileExistsError(f"{target} is a file, not an export folder; --force replaces only a quantship "
-                              f"export folder. Choose another output or remove the file yourself")
-    src, tgt = Path(source).resolve(), target.resolve()
-    if src == tgt or tgt in src.parents:
-        raise FileExistsError(f"{target} is (or contains) the source artifact {source}; --force never replaces "
-                              f"the artifact being exported. Choose another output folder")
-    if not any(target.iterdir()):
-        return
-    refuse = "--force replaces only folders quantship export wrote. Choose another output or move the folder yourself"
-    if not (target / EXPORT_MANIFEST).is_file():
-        raise FileExistsError(f"{target} is not a quantship export (it has no {EXPORT_MANIFEST}); {refuse}")
-    try:
-        manifest = read_export_manifest(target)
-    except ExportError as e:
-        raise FileExistsError(f"{target} is not a valid quantship export ({e}); {refuse}") from None
-    present = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
-    from ..signing import SIGNATURE
-
-    foreign = sorted(present - set(manifest["files"]) - {EXPORT_MANIFEST, SIGNATURE})
-    if foreign:
-        raise FileExistsError(f"{target} holds files quantship did not write ({', '.join(foreign[:3])}"
-                              f"{' ...' if len(foreign) > 3 else ''}); --force will not delete them. "
-                              f"Move them or choose another output folder")
+    check_replaceable_folder(target, source=source, what="export", source_what="artifact being exported",
+                             manifest_name=EXPORT_MANIFEST, listed_files=lambda t: read_export_manifest(t)["files"],
+                             errors=(ExportError,))
 
 
 def files_of(tmp: Path) -> dict[str, str]:
