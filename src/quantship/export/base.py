@@ -271,3 +271,15 @@ def check_export_replaceable(target: str | Path, *, source: Path) -> None:
 
 def files_of(tmp: Path) -> dict[str, str]:
     return hash_tree(tmp, exclude=(EXPORT_MANIFEST,))
+
+
+def module_state(src, module_tensors) -> dict:
+    """The export's tensors: the source's float tensors, each module's `module_tensors(m)` under its
+    name, and its bias."""
+    state = dict(src.float_tensors)
+    for name, m in src.modules.items():
+        for key, t in module_tensors(m).items():
+            state[f"{name}.{key}"] = t
+        if m.bias is not None:
+            state[f"{name}.bias"] = m.bias.contiguous()
+    return state

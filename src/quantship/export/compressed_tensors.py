@@ -29,7 +29,7 @@ import torch
 
 from ..formats.pack import pack_codes
 from . import Writer, register_writer
-from .base import (ExportError, SourceArtifact, check_ids, compare_weights, copy_side_files, kld_mean,
+from .base import (ExportError, module_state, SourceArtifact, check_ids, compare_weights, copy_side_files, kld_mean,
                    library_version, quantship_logits, refuse_unmappable, require, weight_check_summary)
 
 TARGET = "compressed-tensors"
@@ -153,12 +153,7 @@ def _module_tensors(m) -> dict[str, torch.Tensor]:
 def write(src: SourceArtifact, tmp: Path, mapping: dict) -> dict:
     from safetensors.torch import save_file
 
-    state = dict(src.float_tensors)
-    for name, m in src.modules.items():
-        for key, t in _module_tensors(m).items():
-            state[f"{name}.{key}"] = t
-        if m.bias is not None:
-            state[f"{name}.bias"] = m.bias.contiguous()
+    state = module_state(src, _module_tensors)
     config = dict(src.config)
     if config.get("tie_word_embeddings") and any(k in src.modules for k in src.tied):
         config["tie_word_embeddings"] = False  # the head is quantized: it no longer shares the embedding

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import Writer, register_writer
-from .base import (ExportError, SourceArtifact, check_ids, compare_weights, copy_side_files, kld_mean,
+from .base import (ExportError, module_state, SourceArtifact, check_ids, compare_weights, copy_side_files, kld_mean,
                    quantship_logits, refuse_unmappable, weight_check_summary)
 
 TARGET = "gptq"
@@ -108,12 +108,7 @@ def quantize_config(src: SourceArtifact, mapping: dict) -> dict:
 def write(src: SourceArtifact, tmp: Path, mapping: dict) -> dict:
     from safetensors.torch import save_file
 
-    state = dict(src.float_tensors)
-    for name, m in src.modules.items():
-        for key, t in _module_tensors(m).items():
-            state[f"{name}.{key}"] = t
-        if m.bias is not None:
-            state[f"{name}.bias"] = m.bias.contiguous()
+    state = module_state(src, _module_tensors)
     config = dict(src.config)
     if config.get("tie_word_embeddings") and any(k.rpartition(".")[0] in src.modules for k in src.tied):
         config["tie_word_embeddings"] = False
